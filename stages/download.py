@@ -1,0 +1,27 @@
+"""Download stage: the four Fashion-MNIST files, verified, into one directory.
+
+python -m stages.download --out data/fashion-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages.config import load_or_exit
+from stages.data import DataError, fetch_all, sources_from
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    cfg = load_or_exit().data
+    try:
+        fetch_all(args.out, sources_from(cfg.local_dirs, cfg.mirrors), cfg.timeout_s, cfg.retries)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The model of D2L 3.7 and its checkpoint format."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stages import files
+
+IN_FEATURES, NUM_CLASSES = 28 * 28, 10
+
+
+def build_model(init_std: float) -> nn.Sequential:
+    """nn.Sequential(Flatten, Linear(784, 10)); weights ~ N(0, init_std²), bias at PyTorch's default."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(IN_FEATURES, NUM_CLASSES))
+    nn.init.normal_(net[1].weight, std=init_std)
+    return net
+
+
+def to_inputs(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1], exactly as torchvision's ToTensor scales them."""
+    return images_u8.to(torch.float32).div_(255)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: params.yaml: device: {setting!r} but no CUDA device is available; use auto or cpu")
+    return torch.device(setting)
+
+
+def save_checkpoint(path: Path, model: nn.Module, config: dict, **extra) -> None:
+    """state_dict plus the config it was trained with; plain tensors and scalars only, so
+    `torch.load(weights_only=True)` reads it and no code is pickled."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state, "config": config, **extra}, buffer)
+    files.write_bytes(path, buffer.getvalue())
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict]:
+    """Load a checkpoint safely (weights_only: a crafted pickle cannot run code) and check its shapes."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; run the train stage (dvc repro train)") from None
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line[:200]})") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict/config)")
+    model = build_model(init_std=0.0).to(device)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    if got != expected:
+        raise CheckpointError(f"{path}: parameter shapes {got} do not match the model's {expected}")
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt["config"]

@@ -1,0 +1,247 @@
+"""MLflow tracking: where runs go and what each run holds.
+
+Default store: `mlflow.db` (SQLite) at the project root, artifacts in `mlruns/` beside it.
+`MLFLOW_TRACKING_URI`, when set, wins (a team's shared `mlflow server`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.config import Params, as_flat_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+# Offline by default, and fail fast: MLflow's HTTP client otherwise retries for minutes.
+_ENV_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+class TrackingError(Exception):
+    pass
+
+
+def store_root(project_root: Path = ROOT) -> Path:
+    """The project whose store this run belongs to.
+
+    Queued and --temp experiments run in a copy under <project>/.dvc/tmp/exps/ that DVC deletes
+    afterwards; their runs must land in <project>'s store, not the copy's."""
+    parts = project_root.parts
+    return Path(*parts[: parts.index(".dvc")]) if ".dvc" in parts else project_root
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialise SQLite writers across processes (parallel queue workers): SQLite allows one
+    writer, and MLflow's first-use schema migration must not run twice at once."""
+    if not _is_local_store(uri):
+        yield
+        return
+    lock_path = store_root() / ".mlflow.db.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _import_mlflow():
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)  # keep stage output to what a user needs
+    return mlflow
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def source_tags(data_sha256: str) -> dict[str, str]:
+    """Tags that lead from an MLflow run back to the code, data and DVC experiment that made it."""
+    commit = _git("rev-parse", "HEAD")
+    tags = {
+        "mlflow.source.git.commit": commit,
+        "git.commit": commit,
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "data.sha256": data_sha256,
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+    }
+    return {k: v for k, v in tags.items() if v}
+
+
+def _experiment_id(mlflow, name: str, uri: str) -> str:
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local store keeps artifacts beside mlflow.db, as an absolute location, so runs from
+    # DVC's temporary experiment copies keep their artifacts after the copy is deleted.
+    location = (store_root() / "mlruns").as_uri() if _is_local_store(uri) else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _unreachable(uri: str, error: Exception) -> TrackingError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TrackingError(f"MLflow tracking store {uri} is not usable: {first[:300]}")
+
+
+class Run:
+    """One MLflow run; train opens it, evaluate reopens it by id."""
+
+    def __init__(self, mlflow, run_id: str, uri: str):
+        self.mlflow, self.run_id, self.uri = mlflow, run_id, uri
+        self.client = mlflow.MlflowClient()
+
+    def log_training(self, history: list[dict], kept_epoch: int, history_path: Path) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [
+            Metric(key, float(value), 0, row["epoch"])
+            for row in history
+            for key, value in row.items()
+            if key != "epoch"
+        ]
+        metrics.append(Metric("kept_epoch", float(kept_epoch), 0, 0))
+        with _store_lock(self.uri):
+            self.client.log_batch(self.run_id, metrics=metrics)
+            self.client.log_artifact(self.run_id, str(history_path))
+
+    def log_model(self, model, example) -> None:
+        """The model plus a softmax, so MLflow serves class probabilities for a batch of
+        28x28 float images in [0, 1]; registered under `tracking.registered_model`."""
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        served = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).cpu().eval()
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28), "images")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
+        )
+        with _store_lock(self.uri), self.mlflow.start_run(run_id=self.run_id, nested=False):
+            self.mlflow.pytorch.log_model(
+                served,
+                name="model",
+                signature=signature,
+                input_example=example.numpy(),
+                registered_model_name=self.registered_model,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+
+    def log_evaluation(self, metrics: dict, params: dict, artifacts: list[Path]) -> None:
+        with _store_lock(self.uri):
+            self.client.log_batch(
+                self.run_id,
+                metrics=[self._metric(k, v) for k, v in metrics.items()],
+                params=[self._param(k, v) for k, v in params.items()],
+            )
+            for path in artifacts:
+                self.client.log_artifact(self.run_id, str(path), "evaluation")
+
+    @staticmethod
+    def _metric(key, value):
+        from mlflow.entities import Metric
+
+        return Metric(key, float(value), 0, 0)
+
+    @staticmethod
+    def _param(key, value):
+        from mlflow.entities import Param
+
+        return Param(key, json.dumps(value) if isinstance(value, list) else str(value))
+
+
+@contextlib.contextmanager
+def _ending(run: Run):
+    """End the run FINISHED, FAILED on error, KILLED on Ctrl-C or SIGTERM: never left RUNNING."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    status = "FINISHED"
+    try:
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            with _store_lock(run.uri):
+                run.client.set_terminated(run.run_id, status)
+        except Exception as e:  # the original error matters more than this one
+            print(f"warning: could not mark MLflow run {run.run_id} {status}: {e}", file=sys.stderr)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def training_run(params: Params, data_sha256: str):
+    """Start the run before training, so a bad store fails the stage within seconds."""
+    uri = tracking_uri()
+    mlflow = _import_mlflow()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _store_lock(uri):
+            experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
+            client = mlflow.MlflowClient()
+            info = client.create_run(
+                experiment_id,
+                run_name=os.environ.get("DVC_EXP_NAME") or None,
+                tags=source_tags(data_sha256),
+            ).info
+            flat = as_flat_dict(params)
+            train_keys = {k: v for k, v in flat.items() if not k.startswith("evaluate.")}
+            client.log_batch(info.run_id, params=[Run._param(k, v) for k, v in train_keys.items()])
+    except Exception as e:
+        raise SystemExit(f"error: {_unreachable(uri, e)}") from None
+    run = Run(mlflow, info.run_id, uri)
+    run.registered_model = params.tracking.registered_model
+    with _ending(run):
+        yield run
+
+
+@contextlib.contextmanager
+def evaluation_run(run_id: str):
+    """Reopen the training run so evaluation results sit beside the training curves."""
+    uri = tracking_uri()
+    mlflow = _import_mlflow()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _store_lock(uri):
+            mlflow.MlflowClient().update_run(run_id, status="RUNNING")
+    except Exception as e:
+        raise SystemExit(f"error: {_unreachable(uri, e)} (run {run_id})") from None
+    run = Run(mlflow, run_id, uri)
+    with _ending(run):
+        yield run

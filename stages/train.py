@@ -1,0 +1,178 @@
+"""Train stage: softmax regression on Fashion-MNIST, as in D2L 3.7 (train_ch3), reproducibly.
+
+    python -m stages.train --data data/fashion-mnist --model models/model.pt \
+        --history reports/train/history.json --run-info reports/train/run.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+from stages import files
+from stages.config import TrainConfig, load_or_exit
+
+
+class DivergedError(Exception):
+    pass
+
+
+def split_validation(n: int, cfg: TrainConfig):
+    """Indices (train, val): `val_size` examples carved off the training set by `val_seed`."""
+    import torch
+
+    if cfg.val_size == 0:
+        return torch.arange(n), None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.val_seed))
+    return order[cfg.val_size :].sort().values, order[: cfg.val_size].sort().values
+
+
+def accuracy(model, images_u8, labels, batch_size: int = 10_000) -> float:
+    """Fraction of correct argmax predictions, like d2l.evaluate_accuracy."""
+    import torch
+
+    from stages.model import to_inputs
+
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(labels), batch_size):
+            logits = model(to_inputs(images_u8[start : start + batch_size]))
+            correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    return correct / len(labels)
+
+
+def train_epoch(model, loss_fn, optimizer, images_u8, labels, batch_size: int, generator, lr: float, epoch: int):
+    """One pass in shuffled minibatches; returns (mean train loss, train accuracy) as train_ch3 does.
+
+    Minibatches are sliced from whole tensors (the book's per-sample DataLoader costs ~20x more),
+    and pixels are converted batch by batch so the working set stays in cache."""
+    import torch
+
+    from stages.model import to_inputs
+
+    model.train()
+    order = torch.randperm(len(labels), generator=generator).to(labels.device)
+    images_u8, labels = images_u8[order], labels[order]
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        y = labels[start : start + batch_size]
+        logits = model(to_inputs(images_u8[start : start + batch_size]))
+        losses = loss_fn(logits, y)
+        optimizer.zero_grad()
+        losses.mean().backward()
+        optimizer.step()
+        batch_loss = float(losses.detach().sum())
+        if not math.isfinite(batch_loss):
+            raise DivergedError(
+                f"training diverged: loss is {batch_loss} at epoch {epoch}, batch {start // batch_size + 1}; "
+                f"lower lr (now {lr})"
+            )
+        loss_sum += batch_loss
+        correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / len(labels), correct / len(labels)
+
+
+def fit(model, train_set, eval_set, cfg: TrainConfig, eval_name: str = "test_acc", progress: bool = True):
+    """Train for cfg.num_epochs (or until `patience` epochs pass without a better eval accuracy).
+
+    Returns the per-epoch history and the epoch whose weights the model holds at the end."""
+    import torch
+    from torch import nn
+    from tqdm import tqdm
+
+    loss_fn = nn.CrossEntropyLoss(reduction="none")  # on logits: the LogSumExp-stable path
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history, best_acc, best_epoch, best_state = [], -1.0, 0, None
+    bar = tqdm(range(1, cfg.num_epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        loss, acc = train_epoch(model, loss_fn, optimizer, *train_set, cfg.batch_size, generator, cfg.lr, epoch)
+        eval_acc = accuracy(model, *eval_set)
+        history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, eval_name: eval_acc})
+        bar.set_postfix(loss=f"{loss:.4f}", train_acc=f"{acc:.3f}", **{eval_name: f"{eval_acc:.3f}"})
+        bar.write(f"epoch {epoch:3d}  train_loss {loss:.4f}  train_acc {acc:.4f}  {eval_name} {eval_acc:.4f}")
+        if cfg.patience:
+            if eval_acc > best_acc:
+                best_acc, best_epoch = eval_acc, epoch
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= cfg.patience:
+                bar.write(f"early stop: no better {eval_name} for {cfg.patience} epochs; keeping epoch {best_epoch}")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        return history, best_epoch
+    return history, len(history)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--history", type=Path, required=True)
+    parser.add_argument("--run-info", type=Path, required=True)
+    args = parser.parse_args(argv)
+    params = load_or_exit()  # before any heavy import: a bad value costs a fraction of a second
+    cfg = params.train
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    import torch
+
+    from stages import tracking
+    from stages.data import DataError, dataset_digest, load_split
+    from stages.model import build_model, resolve_device, save_checkpoint
+
+    torch.use_deterministic_algorithms(True)
+    device = resolve_device(cfg.device)
+    try:
+        train_images, train_labels = load_split(args.data, "train")
+        test_images, test_labels = load_split(args.data, "test")
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    def on_device(images, labels, index=None):
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels).long()
+        if index is not None:
+            images, labels = images[index], labels[index]
+        return images.to(device), labels.to(device)
+
+    train_idx, val_idx = split_validation(len(train_labels), cfg)
+    train_set = on_device(train_images, train_labels, train_idx)
+    if val_idx is not None:  # the test set stays untouched until the evaluate stage
+        eval_set, eval_name = on_device(train_images, train_labels, val_idx), "val_acc"
+    else:
+        eval_set, eval_name = on_device(test_images, test_labels), "test_acc"
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.init_std).to(device)
+    with tracking.training_run(params, data_sha256=dataset_digest(args.data)) as run:
+        try:
+            history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name)
+        except DivergedError as e:
+            raise SystemExit(f"error: {e}") from None
+        config = dataclasses.asdict(cfg)
+        save_checkpoint(args.model, model, config, kept_epoch=kept_epoch)
+        files.write_json(args.history, history)
+        run.log_training(history, kept_epoch, args.history)
+        run.log_model(model, example=to_example(test_images))
+        files.write_json(
+            args.run_info, {"mlflow_run_id": run.run_id, "epochs_run": len(history), "kept_epoch": kept_epoch}
+        )
+    last = history[kept_epoch - 1]
+    print(f"saved {args.model} (epoch {kept_epoch}: {eval_name} {last[eval_name]:.4f}); MLflow run {run.run_id}")
+
+
+def to_example(images_u8):
+    """Two test images as model inputs: MLflow needs a batch > 1 to keep the batch size dynamic."""
+    import torch
+
+    from stages.model import to_inputs
+
+    return to_inputs(torch.from_numpy(images_u8[:2].copy()))
+
+
+if __name__ == "__main__":
+    main()
