@@ -12,7 +12,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-PARAMS_FILE = Path("params.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS_FILE = ROOT / "params.yaml"  # the project's own, wherever the stage is started from
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -84,44 +85,38 @@ def _describe(meta: dict, kind: str) -> str:
     return f"{kind} {' and '.join(parts)}".strip()
 
 
-def _coerce(key: str, value, f: dataclasses.Field):
-    kind = {int: "an integer", float: "a number", str: "a string", list[str]: "a list of strings"}[_resolve_type(f)]
+_KINDS = {"int": (int, "an integer"), "float": (float, "a number"), "str": (str, "a string")}
+_KINDS["list[str]"] = (list, "a list of strings")
+
+
+def _coerce(key: str, raw, f: dataclasses.Field):
+    typ, kind = _KINDS[f.type]
     meta = f.metadata
-    allowed = _describe(meta, kind)
-
-    def bad(why: str = "") -> ConfigError:
-        return ConfigError(f"params.yaml: {key}: {value!r} is not allowed{why}; expected {allowed}")
-
-    typ = _resolve_type(f)
+    error = ConfigError(f"params.yaml: {key}: {raw!r} is not allowed; expected {_describe(meta, kind)}")
+    value = raw
+    if typ is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads `1e-3` (no dot) as a string; people write it meaning 0.001
+    if isinstance(value, bool):
+        raise error
     if typ is float:
-        # PyYAML reads `1e-3` (no dot) as a string; people write it, so it must mean 0.001.
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise error
         value = float(value)
-        if not math.isfinite(value):
-            raise bad()
-    elif typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-    elif typ is str:
-        if not isinstance(value, str) or not re.fullmatch(meta.get("pattern", ".*"), value):
-            raise bad()
-        return value
-    elif typ == list[str]:
+    elif typ is list:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise bad()
+            raise error
         return list(value)
-    if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]):
-        raise bad()
-    if ("gt" in meta and not value > meta["gt"]) or ("lt" in meta and not value < meta["lt"]):
-        raise bad()
+    elif not isinstance(value, typ):
+        raise error
+    if typ is str:
+        if not re.fullmatch(meta.get("pattern", ".*"), value):
+            raise error
+        return value
+    too_small = ("min" in meta and value < meta["min"]) or ("gt" in meta and not value > meta["gt"])
+    too_big = ("max" in meta and value > meta["max"]) or ("lt" in meta and not value < meta["lt"])
+    if too_small or too_big:
+        raise error
     return value
-
-
-def _resolve_type(f: dataclasses.Field):
-    return {"int": int, "float": float, "str": str, "list[str]": list[str]}[f.type]
 
 
 def _build(cls, raw: dict, prefix: str = ""):

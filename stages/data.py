@@ -168,9 +168,10 @@ def fetch_file(name: str, expected_sha256: str, source: Source, dest_dir: Path, 
             os.unlink(tmp)
 
 
-def fetch_all(dest_dir: Path, sources: list[Source], timeout: float, retries: int) -> dict[str, str]:
+def fetch_all(
+    dest_dir: Path, sources: list[Source], checksums: dict[str, str], timeout: float, retries: int
+) -> dict[str, str]:
     """Fetch every file from the first source that gives verified bytes; return file -> source."""
-    checksums = read_checksums()
     used = {}
     for name in FILES:
         tried = []

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from stages.config import load_or_exit
-from stages.data import DataError, fetch_all, sources_from
+from stages.data import DataError, fetch_all, read_checksums, sources_from
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_or_exit().data
     try:
-        fetch_all(args.out, sources_from(cfg.local_dirs, cfg.mirrors), cfg.timeout_s, cfg.retries)
+        sources = sources_from(cfg.local_dirs, cfg.mirrors)
+        fetch_all(args.out, sources, read_checksums(), cfg.timeout_s, cfg.retries)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -54,7 +54,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; run the train stage (dvc repro train)") from None
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line[:200]})") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= ckpt.keys():

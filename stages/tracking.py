@@ -156,12 +156,16 @@ class Run:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
 
-    def log_evaluation(self, metrics: dict, params: dict, artifacts: list[Path]) -> None:
+    def log_evaluation(self, metrics: dict, settings: dict, artifacts: list[Path]) -> None:
+        """Evaluation settings go in as tags, not params: a training run may be evaluated again
+        with other settings (`-S evaluate.batch_size=...`), and MLflow params cannot change."""
+        from mlflow.entities import RunTag
+
         with _store_lock(self.uri):
             self.client.log_batch(
                 self.run_id,
                 metrics=[self._metric(k, v) for k, v in metrics.items()],
-                params=[self._param(k, v) for k, v in params.items()],
+                tags=[RunTag(k, str(v)) for k, v in settings.items()],
             )
             for path in artifacts:
                 self.client.log_artifact(self.run_id, str(path), "evaluation")

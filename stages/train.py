@@ -88,7 +88,8 @@ def fit(model, train_set, eval_set, cfg: TrainConfig, eval_name: str = "test_acc
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     history, best_acc, best_epoch, best_state = [], -1.0, 0, None
-    bar = tqdm(range(1, cfg.num_epochs + 1), desc="train", unit="epoch", disable=not progress)
+    # The live bar only on a terminal; logs (dvc, CI) get one line per epoch.
+    bar = tqdm(range(1, cfg.num_epochs + 1), desc="train", unit="epoch", disable=None if progress else True)
     for epoch in bar:
         loss, acc = train_epoch(model, loss_fn, optimizer, *train_set, cfg.batch_size, generator, cfg.lr, epoch)
         eval_acc = accuracy(model, *eval_set)

@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make pipeline` and `make test`. Both set everything up first.
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: pipeline test setup ui bench
+
+pipeline: setup  ## set up, then run download -> train -> evaluate
+	dvc repro
+
+test: setup  ## set up, then run every test (unit and end-to-end)
+	pytest
+
+ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+bench: setup  ## time the pipeline against the book's loop: benchmarks/RESULTS.md
+	python -m benchmarks.bench
+
+setup: $(STAMP) $(DATA)
+
+$(STAMP): pyproject.toml
+	python3.11 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Debian/Ubuntu ship Fashion-MNIST; elsewhere the download stage falls back to HTTPS mirrors.
+$(DATA):
+	$(SUDO) apt-get install -y dataset-fashion-mnist || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; } || \
+	  echo "warning: dataset-fashion-mnist not installed; the download stage will use the mirrors"

@@ -1,0 +1,96 @@
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from stages.config import parse_params
+from stages.model import build_model, to_inputs
+from stages.train import DivergedError, fit, split_validation
+from tests.conftest import default_params, synthetic_split
+
+
+def tiny_config(**changes):
+    cfg = parse_params(default_params()).train
+    return dataclasses.replace(cfg, **{"num_epochs": 2, "batch_size": 64, **changes})
+
+
+def tensors(n, seed):
+    images, labels = synthetic_split(n, seed)
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+
+def train_once(cfg):
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.init_std)
+    history, kept = fit(model, tensors(600, 1), tensors(200, 2), cfg, progress=False)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return history, kept, buffer.getvalue()
+
+
+def test_history_has_the_books_three_numbers_per_epoch():
+    history, kept, _ = train_once(tiny_config())
+    assert [row["epoch"] for row in history] == [1, 2] and kept == 2
+    assert set(history[0]) == {"epoch", "train_loss", "train_acc", "test_acc"}
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert history[1]["test_acc"] > 0.5  # the synthetic classes are easy
+
+
+def test_same_params_same_bytes_and_metrics():
+    assert train_once(tiny_config()) == train_once(tiny_config())
+    assert train_once(tiny_config())[2] != train_once(tiny_config(seed=1))[2]
+
+
+def test_matches_a_plain_reference_loop():
+    """The batching tricks (uint8 slices, one gather per epoch) may not change a single bit."""
+    cfg = tiny_config()
+    _, _, ours = train_once(cfg)
+    images, labels = tensors(600, 1)
+    inputs = to_inputs(images)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.init_std)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.num_epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for batch in order.split(cfg.batch_size):
+            optimizer.zero_grad()
+            loss_fn(model(inputs[batch]), labels[batch]).mean().backward()
+            optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    assert buffer.getvalue() == ours
+
+
+def test_divergence_stops_at_the_first_non_finite_loss_naming_lr():
+    with pytest.raises(DivergedError, match=r"loss is (nan|inf) at epoch 1, batch \d+; lower lr \(now 1e\+38\)"):
+        train_once(tiny_config(lr=1e38))
+
+
+def test_validation_split_is_carved_from_training_by_seed():
+    cfg = tiny_config(val_size=100, val_seed=3)
+    train_idx, val_idx = split_validation(600, cfg)
+    assert len(train_idx) == 500 and len(val_idx) == 100
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+    assert torch.equal(split_validation(600, cfg)[1], val_idx)
+    assert not torch.equal(split_validation(600, dataclasses.replace(cfg, val_seed=4))[1], val_idx)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    cfg = tiny_config(num_epochs=30, lr=3.0, val_size=100, patience=2)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.init_std)
+    images, labels = tensors(600, 1)
+    train_idx, val_idx = split_validation(600, cfg)
+    history, kept = fit(
+        model, (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx]), cfg, "val_acc", False
+    )
+    accs = [row["val_acc"] for row in history]
+    assert len(history) < 30  # it stopped
+    assert kept == accs.index(max(accs)) + 1
+    assert len(history) - kept == cfg.patience
+    from stages.train import accuracy
+
+    assert accuracy(model, images[val_idx], labels[val_idx]) == max(accs)
