@@ -143,8 +143,8 @@ class Run:
 
         served = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).cpu().eval()
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
         )
         with _store_lock(self.uri), self.mlflow.start_run(run_id=self.run_id, nested=False):
             self.mlflow.pytorch.log_model(

@@ -1,0 +1,236 @@
+"""MLflow tracking end to end: real `dvc` runs, a real SQLite store, real `mlflow server`s."""
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import BIN, cli_env, run
+
+pytestmark = pytest.mark.slow
+DVC = str(BIN / "dvc")
+ARTIFACTS = {
+    "history.json",
+    "evaluation/metrics.json",
+    "evaluation/classification_report.txt",
+    "evaluation/classification_report.json",
+    "evaluation/confusion.json",
+    "evaluation/curves.png",
+    "evaluation/confusion.png",
+    "evaluation/misclassified.png",
+}
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def all_runs(client):
+    experiment = client.get_experiment_by_name("fashion-mnist-softmax")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path or None):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, seconds: float = 90):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path):
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(artifacts.parent / f"mlflow-server-{port}.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=cli_env(MLFLOW_DISABLE_TELEMETRY="true"), stdout=log, stderr=log)
+        try:
+            wait_for(f"http://127.0.0.1:{port}/health", proc)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def check_complete_run(client, project: Path, run, lr: float):
+    assert run.info.status == "FINISHED"
+    assert float(run.data.params["lr"]) == lr and run.data.params["batch_size"] == "64"
+    assert run.data.tags["git.commit"] == run_git(project, "rev-parse", "HEAD")
+    assert len(run.data.tags["data.sha256"]) == 64
+    assert {"test_acc", "test_loss", "f1_macro", "f1_weighted", "train_loss", "train_acc"} <= set(run.data.metrics)
+    curve = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in curve] == list(range(1, int(run.data.params["num_epochs"]) + 1))
+    assert artifact_paths(client, run.info.run_id) >= ARTIFACTS
+
+
+def run_git(project: Path, *args: str) -> str:
+    return run(["git", *args], project).stdout.strip()
+
+
+def test_a_run_holds_params_curves_reports_and_a_loadable_model(tiny_project):
+    import mlflow
+    import torch
+
+    from stages.data import load_split
+    from stages.model import load_checkpoint
+
+    (tiny_project / "params.yaml").write_text(
+        (tiny_project / "params.yaml").read_text().replace("num_epochs: 1", "num_epochs: 2")
+    )
+    run([DVC, "repro"], tiny_project)
+    uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
+    client = client_for(uri)
+    (only,) = all_runs(client)
+    check_complete_run(client, tiny_project, only, lr=0.1)
+    assert json.loads((tiny_project / "reports/train/run.json").read_text())["mlflow_run_id"] == only.info.run_id
+    assert only.data.tags["git.dirty"] == "true"  # params.yaml was edited above
+
+    (version,) = client.search_model_versions("name='fashion-mnist-softmax'")
+    assert version.run_id == only.info.run_id
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/fashion-mnist-softmax/1")
+    images, _ = load_split(tiny_project / "data/fashion-mnist", "test")
+    batch = images[:5].astype(np.float32) / 255
+    probabilities = served.predict(batch)
+    assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    model, _ = load_checkpoint(tiny_project / "models/model.pt")
+    with torch.no_grad():
+        ours = model(torch.from_numpy(batch)).argmax(1).numpy()
+    np.testing.assert_array_equal(probabilities.argmax(1), ours)
+
+
+def test_queued_sweep_with_two_workers_and_temp_runs_land_in_the_root_store(tiny_project):
+    run([DVC, "exp", "run", "--queue", "-S", "lr=0.01,0.05"], tiny_project)
+    run([DVC, "queue", "start", "-j", "2"], tiny_project)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        status = run([DVC, "queue", "status"], tiny_project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    run([DVC, "exp", "run", "--temp", "-S", "lr=0.2"], tiny_project)
+
+    client = client_for(f"sqlite:///{tiny_project / 'mlflow.db'}")
+    runs = all_runs(client)
+    assert sorted(float(r.data.params["lr"]) for r in runs) == [0.01, 0.05, 0.2]
+    shown = json.loads(run([DVC, "exp", "show", "--json"], tiny_project).stdout)
+    names = {e["name"] for rev in shown for e in (rev.get("experiments") or [])}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.info.run_name in names and r.data.tags["dvc.exp_name"] == r.info.run_name
+        assert artifact_paths(client, r.info.run_id) >= ARTIFACTS
+        assert r.info.artifact_uri.startswith((tiny_project / "mlruns").as_uri())
+    shutil.rmtree(tiny_project / ".dvc" / "tmp", ignore_errors=True)  # the copies are gone; the runs stay
+
+    assert len(list((tiny_project / "mlruns").rglob("artifacts/evaluation/metrics.json"))) == 3
+
+
+def test_dvc_from_a_subdirectory_uses_the_same_store(tiny_project):
+    (tiny_project / "reports").mkdir()
+    run([DVC, "repro", "../dvc.yaml"], tiny_project / "reports")
+    assert len(all_runs(client_for(f"sqlite:///{tiny_project / 'mlflow.db'}"))) == 1
+    assert not (tiny_project / "reports" / "mlflow.db").exists()
+
+
+def test_tracking_server_with_sqlite_backend_and_proxied_artifacts(tiny_project, tmp_path):
+    artifacts = tmp_path / "server-artifacts"
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", artifacts) as url:
+        run([DVC, "repro"], tiny_project, MLFLOW_TRACKING_URI=url)
+        client = client_for(url)
+        (only,) = all_runs(client)
+        check_complete_run(client, tiny_project, only, lr=0.1)
+        assert only.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert not (tiny_project / "mlflow.db").exists() and not (tiny_project / "mlruns").exists()
+    assert list(artifacts.rglob("classification_report.txt"))
+
+
+@contextlib.contextmanager
+def postgres():
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not bins:
+        pytest.skip("PostgreSQL server binaries not installed")
+    bindir, port = bins[-1].parent, free_port()
+    # initdb refuses to run as root; the Debian package provides the postgres user.
+    as_user = (
+        ["runuser", "-u", "postgres", "--"]
+        if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() == "0"
+        else []
+    )
+    home = Path(tempfile.mkdtemp(prefix="pg-"))
+    if as_user:
+        shutil.chown(home, "postgres")
+    datadir = home / "data"
+    try:
+        subprocess.run(
+            [*as_user, bindir / "initdb", "-D", datadir, "-U", "mlflow", "--auth=trust"],
+            check=True,
+            capture_output=True,
+        )
+        opts = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
+        subprocess.run(
+            [*as_user, bindir / "pg_ctl", "-D", datadir, "-o", opts, "-w", "-l", home / "log", "start"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], check=True)
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run([*as_user, bindir / "pg_ctl", "-D", datadir, "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_tracking_server_with_postgresql_backend(tiny_project, tmp_path):
+    with postgres() as backend, mlflow_server(backend, tmp_path / "artifacts") as url:
+        run([DVC, "repro"], tiny_project, MLFLOW_TRACKING_URI=url)
+        client = client_for(url)
+        (only,) = all_runs(client)
+        check_complete_run(client, tiny_project, only, lr=0.1)
+
+
+def test_unreachable_server_fails_within_seconds_and_touches_nothing(tiny_project):
+    run([DVC, "repro", "download"], tiny_project)
+    model = tiny_project / "models" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes(b"previous model")
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    proc = run(
+        ["python", "-m", "stages.train", "--data", "data/fashion-mnist", "--model", "models/model.pt",
+         "--history", "reports/train/history.json", "--run-info", "reports/train/run.json"],
+        tiny_project, check=False, MLFLOW_TRACKING_URI=uri,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking store {uri} is not usable")
+    assert time.monotonic() - start < 60  # imports included; MLflow's own retries would take minutes
+    assert model.read_bytes() == b"previous model"
+    assert not (tiny_project / "reports" / "train" / "history.json").exists()
