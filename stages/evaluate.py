@@ -84,19 +84,20 @@ def draw_pictures(out: Path, history: list[dict], logits, labels, images_u8, gri
     )  # fmt: skip
     save(fig, "confusion.png")
 
+    # One mosaic image in one axes: 36 separate subplots take seconds to lay out.
     probabilities = logits.softmax(1).cpu().numpy()
     wrong = np.flatnonzero(predicted != actual)[:grid]
-    cols = 6
+    cols, cell = 6, 28 + 12
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong, strict=False):
-        ax.imshow(images_u8[i], cmap="gray_r")
-        ax.set_title(
-            f"true: {CLASSES[actual[i]]}\npred: {CLASSES[predicted[i]]} {probabilities[i, predicted[i]]:.0%}",
-            fontsize=7,
-        )
+    mosaic = np.zeros((rows * cell, cols * cell))
+    fig, ax = plt.subplots(figsize=(cols * 1.6, rows * 1.9))
+    for k, i in enumerate(wrong):
+        r, c = divmod(k, cols)
+        mosaic[r * cell + 12 : r * cell + 40, c * cell + 6 : c * cell + 34] = images_u8[i]
+        caption = f"true: {CLASSES[actual[i]]}\npred: {CLASSES[predicted[i]]} {probabilities[i, predicted[i]]:.0%}"
+        ax.text(c * cell + 20, r * cell + 11, caption, ha="center", va="bottom", fontsize=7)
+    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255)
+    ax.axis("off")
     save(fig, "misclassified.png")
     return paths
 
@@ -111,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_or_exit()
     cfg = params.evaluate
+    try:
+        history = json.loads(args.history.read_text())
+        run_id = json.loads(args.run_info.read_text())["mlflow_run_id"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: cannot read training outputs: {e}") from None
 
     import torch
 
@@ -121,32 +127,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, _ = load_checkpoint(args.model)
         images, labels = load_split(args.data, "test")
-        history = json.loads(args.history.read_text())
-        run_id = json.loads(args.run_info.read_text())["mlflow_run_id"]
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"error: {e}") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: cannot read training outputs: {e}") from None
-
     with tracking.evaluation_run(run_id) as run:
         labels_t = torch.from_numpy(labels).long()
         logits = predict(model, torch.from_numpy(images), cfg.batch_size)
         metrics, report, text = compute_metrics(logits, labels_t)
         args.out.mkdir(parents=True, exist_ok=True)
-        confusion = [
-            {"actual": CLASSES[a], "predicted": CLASSES[p]}
-            for a, p in zip(labels, logits.argmax(1).tolist(), strict=True)
-        ]
+        predicted = logits.argmax(1).tolist()
+        confusion = [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(labels, predicted, strict=True)]
         files.write_json(args.out / "confusion.json", confusion)
         files.write_json(args.out / "classification_report.json", report)
         files.write_text(args.out / "classification_report.txt", text)
         pictures = draw_pictures(args.out, history, logits, labels_t, images, cfg.misclassified_grid)
         files.write_json(args.out / "metrics.json", metrics)
-        outputs = [
-            args.out / n
-            for n in ("metrics.json", "classification_report.txt", "classification_report.json", "confusion.json")
-        ]
-        run.log_evaluation(metrics, {f"evaluate.{k}": v for k, v in vars(cfg).items()}, outputs + pictures)
+        reports = ["metrics.json", "classification_report.txt", "classification_report.json", "confusion.json"]
+        settings = {f"evaluate.{k}": v for k, v in vars(cfg).items()}
+        run.log_evaluation(metrics, settings, [args.out / name for name in reports] + pictures)
     print(text)
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  (MLflow run {run_id})")
 
