@@ -167,6 +167,8 @@ def _check_relations(p: Params) -> None:
                 f"params.yaml: data.mirrors: {url!r} is not allowed; "
                 "expected an https:// URL (plain http:// only on localhost)"
             )
+        if u.username or u.password:  # params are logged to MLflow and committed to git
+            raise ConfigError(f"params.yaml: data.mirrors: {u.hostname}: credentials do not belong in params.yaml")
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,11 @@ def store_root(project_root: Path = ROOT) -> Path:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def redacted(text: str) -> str:
+    """The text with any password in a URI (`https://user:secret@host`) replaced by ***."""
+    return re.sub(r"(://[^/@:\s]*:)[^/@\s]*@", r"\1***@", text)
 
 
 def _is_local_store(uri: str) -> bool:
@@ -107,9 +113,14 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def _unreachable(uri: str, error: Exception) -> TrackingError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return TrackingError(f"MLflow tracking store {uri} is not usable: {first[:300]}")
+@contextlib.contextmanager
+def _one_line_errors(uri: str, doing: str):
+    """MLflow's errors as the one line a user needs: which store, doing what, and why."""
+    try:
+        yield
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(redacted(f"error: MLflow tracking store {uri} {doing}: {first[:300]}")) from None
 
 
 class Run:
@@ -129,7 +140,7 @@ class Run:
             if key != "epoch"
         ]
         metrics.append(Metric("kept_epoch", float(kept_epoch), 0, 0))
-        with _store_lock(self.uri):
+        with _one_line_errors(self.uri, "failed logging the training"), _store_lock(self.uri):
             self.client.log_batch(self.run_id, metrics=metrics)
             self.client.log_artifact(self.run_id, str(history_path))
 
@@ -146,7 +157,11 @@ class Run:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
         )
-        with _store_lock(self.uri), self.mlflow.start_run(run_id=self.run_id, nested=False):
+        with (
+            _one_line_errors(self.uri, "failed logging the model"),
+            _store_lock(self.uri),
+            self.mlflow.start_run(run_id=self.run_id, nested=False),
+        ):
             self.mlflow.pytorch.log_model(
                 served,
                 name="model",
@@ -161,7 +176,7 @@ class Run:
         with other settings (`-S evaluate.batch_size=...`), and MLflow params cannot change."""
         from mlflow.entities import RunTag
 
-        with _store_lock(self.uri):
+        with _one_line_errors(self.uri, "failed logging the evaluation"), _store_lock(self.uri):
             self.client.log_batch(
                 self.run_id,
                 metrics=[self._metric(k, v) for k, v in metrics.items()],
@@ -202,7 +217,7 @@ def _ending(run: Run):
             with _store_lock(run.uri):
                 run.client.set_terminated(run.run_id, status)
         except Exception as e:  # the original error matters more than this one
-            print(f"warning: could not mark MLflow run {run.run_id} {status}: {e}", file=sys.stderr)
+            print(redacted(f"warning: could not mark MLflow run {run.run_id} {status}: {e}"), file=sys.stderr)
 
 
 def _raise_interrupt(signum, frame):
@@ -214,21 +229,17 @@ def training_run(params: Params, data_sha256: str):
     """Start the run before training, so a bad store fails the stage within seconds."""
     uri = tracking_uri()
     mlflow = _import_mlflow()
-    mlflow.set_tracking_uri(uri)
-    try:
-        with _store_lock(uri):
-            experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
-            client = mlflow.MlflowClient()
-            info = client.create_run(
-                experiment_id,
-                run_name=os.environ.get("DVC_EXP_NAME") or None,
-                tags=source_tags(data_sha256),
-            ).info
-            flat = as_flat_dict(params)
-            train_keys = {k: v for k, v in flat.items() if not k.startswith("evaluate.")}
-            client.log_batch(info.run_id, params=[Run._param(k, v) for k, v in train_keys.items()])
-    except Exception as e:
-        raise SystemExit(f"error: {_unreachable(uri, e)}") from None
+    with _one_line_errors(uri, "is not usable"), _store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
+        client = mlflow.MlflowClient()
+        info = client.create_run(
+            experiment_id,
+            run_name=os.environ.get("DVC_EXP_NAME") or None,
+            tags=source_tags(data_sha256),
+        ).info
+        train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
+        client.log_batch(info.run_id, params=[Run._param(k, v) for k, v in train_keys.items()])
     run = Run(mlflow, info.run_id, uri)
     run.registered_model = params.tracking.registered_model
     with _ending(run):
@@ -240,12 +251,9 @@ def evaluation_run(run_id: str):
     """Reopen the training run so evaluation results sit beside the training curves."""
     uri = tracking_uri()
     mlflow = _import_mlflow()
-    mlflow.set_tracking_uri(uri)
-    try:
-        with _store_lock(uri):
-            mlflow.MlflowClient().update_run(run_id, status="RUNNING")
-    except Exception as e:
-        raise SystemExit(f"error: {_unreachable(uri, e)} (run {run_id})") from None
+    with _one_line_errors(uri, f"cannot reopen run {run_id}"), _store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        mlflow.MlflowClient().update_run(run_id, status="RUNNING")
     run = Run(mlflow, run_id, uri)
     with _ending(run):
         yield run

@@ -1,0 +1,204 @@
+"""Benchmark: our training loop and pipeline against the book's, measured side by side.
+
+    python -m benchmarks.bench [--reps 3] [--out benchmarks/RESULTS.md]
+
+Needs the data in data/fashion-mnist (run the pipeline once). Pipeline timings run in a temporary
+copy of the project, so your experiments and MLflow store are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "fashion-mnist"
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_process(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def epoch_timings(reps: int) -> dict:
+    import torch
+
+    from benchmarks import book
+    from stages.config import load_params
+    from stages.data import load_split
+    from stages.model import build_model, to_inputs
+    from stages.train import train_epoch
+
+    cfg = load_params().train
+    images, labels = load_split(DATA, "train")
+    inputs, targets = to_inputs(torch.from_numpy(images)), torch.from_numpy(labels).long()
+
+    def ours():
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.init_std)
+        loss = torch.nn.CrossEntropyLoss(reduction="none")
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        return lambda: train_epoch(model, loss, sgd, inputs, targets, cfg.batch_size, generator, cfg.lr, 1), model
+
+    step, _ = ours()
+    step()  # warm-up
+    ours_s = median_time(step, max(reps, 5))
+
+    flat = inputs.reshape(len(inputs), -1)
+    weight, grad = torch.randn(784, 10), torch.randn(len(inputs), 10)
+    median_time(lambda: (flat @ weight, flat.T @ grad), 3)
+    bound_s = median_time(lambda: (flat @ weight, flat.T @ grad), 9)
+
+    train_iter, _ = book.load_data_fashion_mnist(cfg.batch_size, DATA)
+    net, loss, trainer = book.build(cfg.seed)
+    book_s = median_time(lambda: book.train_epoch_ch3(net, train_iter, loss, trainer), reps)
+
+    # Speed may not change the numbers: the same epoch, the plainest way (advanced indexing).
+    step, fast_model = ours()
+    step()
+    torch.manual_seed(cfg.seed)
+    plain = build_model(cfg.init_std)
+    sgd = torch.optim.SGD(plain.parameters(), lr=cfg.lr)
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed))
+    for batch in order.split(cfg.batch_size):
+        sgd.zero_grad()
+        torch.nn.functional.cross_entropy(plain(inputs[batch]), targets[batch], reduction="none").mean().backward()
+        sgd.step()
+    same = _bytes(fast_model) == _bytes(plain)
+    return {"ours": ours_s, "bound": bound_s, "book": book_s, "identical": same}
+
+
+def _bytes(model) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def project_copy() -> Path:
+    """A git repo holding the project, reading the already-verified data as its local source."""
+    dest = Path(tempfile.mkdtemp(prefix="bench-project-"))
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for rel in filter(None, listed.stdout.split("\0")):
+        if rel.startswith(("tests/", "benchmarks/")) or not (ROOT / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["data"]["local_dirs"] = [str(DATA)]
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def pipeline_timings(reps: int) -> dict:
+    project = project_copy()
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="b@localhost", GIT_COMMITTER_NAME="bench")
+    env["GIT_COMMITTER_EMAIL"] = "b@localhost"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dvc = str(bindir / "dvc")
+    try:
+        run_process([dvc, "repro"], project, env)  # first run: creates the store, fills the cache
+        stage_rss = {}
+        for stage in ("download", "train", "evaluate"):
+            cmd = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+            stage_rss[stage] = run_process([sys.executable, *cmd[1:]], project, env)[1]
+        repro = [run_process([dvc, "repro", "-f"], project, env)[0] for _ in range(reps)]
+        exp = [run_process([dvc, "exp", "run", "-S", f"lr={0.05 + i / 1000}"], project, env)[0] for i in range(reps)]
+        book = [
+            run_process([sys.executable, "-m", "benchmarks.book", "--data", str(DATA)], ROOT, env)[0]
+            for _ in range(reps)
+        ]
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    return {
+        "repro": statistics.median(repro),
+        "exp": statistics.median(exp),
+        "book": statistics.median(book),
+        "rss": stage_rss,
+    }
+
+
+def machine() -> str:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    gpu = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, {gpu}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"error: {DATA} missing; run the pipeline first (make pipeline)")
+    p = pipeline_timings(args.reps)  # first, while this process is small: a forked child starts at its size
+    e = epoch_timings(args.reps)
+    ok = lambda good: "met" if good else "not met"  # noqa: E731
+    book_ratio = f"ours is {e['book'] / e['ours']:.0f}x faster"
+    rows = [
+        ("Train epoch, ours", f"{e['ours'] * 1000:.0f} ms", ""),
+        ("Train epoch, the book's DataLoader loop", f"{e['book'] * 1000:.0f} ms", book_ratio),
+        ("Matrix-product lower bound (X·W and Xᵀ·G, whole set)", f"{e['bound'] * 1000:.0f} ms",
+         f"ours = {e['ours'] / e['bound']:.2f}x the bound (goal ≤ 1.5: {ok(e['ours'] / e['bound'] <= 1.5)})"),
+        ("Same model bytes as the plain loop", "yes" if e["identical"] else "NO", ""),
+        ("Book's script, 10 epochs + test accuracy (process)", f"{p['book']:.1f} s", ""),
+        ("`dvc repro -f` (download, train, evaluate, MLflow)", f"{p['repro']:.1f} s",
+         f"{p['repro'] / p['book']:.2f}x the book (goal ≤ 0.15: {ok(p['repro'] / p['book'] <= 0.15)})"),
+        ("`dvc exp run -S lr=...` (train, evaluate, MLflow)", f"{p['exp']:.1f} s",
+         f"{p['exp'] / p['book']:.2f}x the book (goal ≤ 0.12: {ok(p['exp'] / p['book'] <= 0.12)})"),
+    ] + [
+        (f"Peak RSS, {stage} stage", f"{rss:.0f} MiB", f"goal ≤ 1536 MiB: {ok(rss <= 1536)}")
+        for stage, rss in p["rss"].items()
+    ]  # fmt: skip
+    table = "| measure | median | comparison |\n| --- | --- | --- |\n"
+    table += "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+    text = (
+        f"# Benchmark results\n\nMachine: {machine()}.\n"
+        f"Medians over {args.reps} runs (epochs: over {max(args.reps, 5)} for ours), "
+        f"measured {time.strftime('%Y-%m-%d')} with `python -m benchmarks.bench`.\n\n{table}"
+    )
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
