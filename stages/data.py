@@ -202,7 +202,10 @@ def _read_idx(path: Path) -> np.ndarray:
         raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: missing; run the download stage (dvc repro download)") from None
-    dims = check_idx_header(path.name, raw[:16].tobytes(), len(raw))
+    try:
+        dims = check_idx_header(path.name, raw[:16].tobytes(), len(raw))
+    except DataError as e:  # name the file as the user knows it, with its directory
+        raise DataError(f"{path.parent}/{e}") from None
     return raw[4 + 4 * len(dims) :].reshape(dims)
 
 

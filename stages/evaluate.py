@@ -7,11 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 from pathlib import Path
 
-from stages import files
+from stages import files, run_stage
 from stages.config import load_or_exit
 
 
@@ -150,7 +149,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    # Interpreter teardown would spend ~2 s walking torch's and MLflow's object graph; the
-    # outputs are written and closed by now, so let the process end without that walk.
-    gc.freeze()
+    run_stage(main)

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import math
 import os
 from pathlib import Path
 
-from stages import files
+from stages import files, run_stage
 from stages.config import TrainConfig, load_or_exit
 
 
 class DivergedError(Exception):
     pass
+
+
+# A mean loss this far above uniform guessing (ln 10) means confidently wrong everywhere. Softmax
+# regression's loss grows with lr but rarely turns NaN (lr=1000 gives ~3500, still finite).
+DIVERGED_LOSS = 100 * math.log(10)
 
 
 def split_validation(n: int, cfg: TrainConfig):
@@ -63,10 +67,10 @@ def train_epoch(model, loss_fn, optimizer, inputs, labels, batch_size: int, gene
         losses.mean().backward()
         optimizer.step()
         batch_loss = float(losses.detach().sum())
-        if not math.isfinite(batch_loss):
+        if not batch_loss / len(y) < DIVERGED_LOSS:  # also catches nan
             raise DivergedError(
-                f"training diverged: loss is {batch_loss} at epoch {epoch}, batch {start // batch_size + 1}; "
-                f"lower lr (now {lr})"
+                f"training diverged: loss {batch_loss / len(y):.4g} at epoch {epoch}, batch {start // batch_size + 1} "
+                f"(uniform guessing gives {math.log(10):.2f}); lower lr (now {lr})"
             )
         loss_sum += batch_loss
         correct += int((logits.argmax(1) == y).sum())
@@ -165,7 +169,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    # Interpreter teardown would spend ~2 s walking torch's and MLflow's object graph; the
-    # outputs are written and closed by now, so let the process end without that walk.
-    gc.freeze()
+    run_stage(main)

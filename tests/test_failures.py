@@ -1,0 +1,185 @@
+"""Bad input and interruptions, through the real stages: one clear line, a non-zero exit, and
+data, models and the tracking store left as they were."""
+
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import BIN, cli_env, idx_bytes, run, synthetic_split
+
+pytestmark = pytest.mark.slow
+DVC = str(BIN / "dvc")
+TRAIN = ["python", "-m", "stages.train", "--data", "data/fashion-mnist", "--model", "models/model.pt",
+         "--history", "reports/train/history.json", "--run-info", "reports/train/run.json"]  # fmt: skip
+EVALUATE = [*TRAIN, "--out", "reports/eval"]
+EVALUATE[2] = "stages.evaluate"
+
+
+def runs(project):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fashion-mnist-softmax")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert lines, proc.stdout
+    return lines[-1]
+
+
+def snapshot(project) -> dict[str, bytes]:
+    paths = ["models/model.pt", "reports/train/history.json", "reports/train/run.json", "reports/eval/metrics.json"]
+    return {p: (project / p).read_bytes() for p in paths}
+
+
+@pytest.fixture
+def trained(tiny_project):
+    run([DVC, "repro"], tiny_project)
+    return tiny_project
+
+
+def set_param(project, key, value):
+    run([DVC, "exp", "run", "--dry", "-S", f"{key}={value}"], project)  # DVC's own way to edit params.yaml
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda images, labels: (images, np.where(labels == 3, 12, labels)), "label 12 outside 0..9"),
+        (lambda images, labels: (images[:, :, :27], labels), "images are 28x27, expected 28x28"),
+    ],
+)
+def test_bad_data_reaching_train_is_named(trained, mutate, message):
+    data = trained / "data" / "fashion-mnist"
+    images, labels = mutate(*synthetic_split(600, 1))
+    for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        target = data / name
+        target.unlink()  # DVC may have linked it from the cache; never write through that link
+        target.write_bytes(idx_bytes(np.ascontiguousarray(array)))
+    before = snapshot(trained)
+    proc = run(TRAIN, trained, check=False)
+    assert proc.returncode == 1
+    assert error_line(proc).startswith("error: data/fashion-mnist/train-") and message in error_line(proc)
+    assert snapshot(trained) == before
+
+
+def test_divergence_fails_naming_lr_and_writes_no_model(tiny_project):
+    params = (tiny_project / "params.yaml").read_text().replace("lr: 0.1", "lr: 1000")
+    (tiny_project / "params.yaml").write_text(params)
+    proc = run([DVC, "repro"], tiny_project, check=False)
+    assert proc.returncode != 0
+    assert "error: training diverged: loss" in proc.stderr and "lower lr (now 1000.0)" in proc.stderr
+    assert not (tiny_project / "models" / "model.pt").exists()
+    (only,) = runs(tiny_project)
+    assert only.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_training_keeps_the_previous_model_and_marks_the_run_killed(trained, signum):
+    params = (trained / "params.yaml").read_text().replace("num_epochs: 1", "num_epochs: 100000")
+    (trained / "params.yaml").write_text(params)
+    before = snapshot(trained)
+    proc = subprocess.Popen(
+        TRAIN, cwd=trained, env=cli_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stdout:  # wait until it is training
+        if line.startswith("epoch   2"):
+            break
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    assert snapshot(trained) == before
+    statuses = sorted(r.info.status for r in runs(trained))
+    assert statuses == ["FINISHED", "KILLED"]
+    (trained / "params.yaml").write_text(params.replace("num_epochs: 100000", "num_epochs: 1"))
+    run([DVC, "repro"], trained)  # and the next run is clean
+
+
+class WritesAFile:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not a loadable checkpoint"),  # a crafted pickle
+        (b"PK\x03\x04 truncated", "not a loadable checkpoint"),
+        ("wrong-shape", "do not match the model's"),
+    ],
+)
+def test_evaluate_refuses_a_bad_model_file_without_running_its_code(trained, content, message):
+    model = trained / "models" / "model.pt"
+    model.unlink()
+    if content is None:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save({"state_dict": {}, "config": WritesAFile()}, buffer, pickle_module=pickle)
+        model.write_bytes(buffer.getvalue())
+    elif content == "wrong-shape":
+        torch.save({"state_dict": {"1.weight": torch.zeros(5, 784), "1.bias": torch.zeros(5)}, "config": {}}, model)
+    else:
+        model.write_bytes(content)
+    metrics = (trained / "reports/eval/metrics.json").read_bytes()
+    proc = run(EVALUATE, trained, check=False)
+    assert proc.returncode == 1
+    assert error_line(proc).startswith("error: models/model.pt: ") and message in error_line(proc)
+    assert not (trained / "pwned").exists()
+    assert (trained / "reports/eval/metrics.json").read_bytes() == metrics
+
+
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        ("nosuch://tracking", "nosuch://tracking"),
+        ("http://alice:s3cret@127.0.0.1:9/", "http://alice:***@127.0.0.1:9/"),
+    ],
+)
+def test_bad_tracking_uri_is_one_line_without_secrets(trained, uri, shown):
+    before = snapshot(trained)
+    start = time.monotonic()
+    proc = run(TRAIN, trained, check=False, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 1
+    assert error_line(proc).startswith(f"error: MLflow tracking store {shown} is not usable")
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60
+    assert snapshot(trained) == before
+
+
+def test_locked_store_fails_within_seconds(trained):
+    before = snapshot(trained)
+    holder = sqlite3.connect(trained / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        start = time.monotonic()
+        proc = run(TRAIN, trained, check=False)
+        elapsed = time.monotonic() - start
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert proc.returncode == 1
+    assert error_line(proc).startswith(f"error: MLflow tracking store sqlite:///{trained / 'mlflow.db'} ")
+    assert "locked" in error_line(proc)
+    assert elapsed < 60
+    assert snapshot(trained) == before
+    assert [r.info.status for r in runs(trained)] == ["FINISHED"]
+
+
+def test_ui_command_listens_on_this_machine_only():
+    from tests.conftest import ROOT
+
+    ui = [line for line in (ROOT / "Makefile").read_text().splitlines() if "mlflow ui" in line]
+    assert ui and all("--host 127.0.0.1" in line for line in ui)
+    assert "make ui" in (ROOT / "README.md").read_text()
