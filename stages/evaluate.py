@@ -68,7 +68,7 @@ def draw_pictures(out: Path, history: list[dict], logits, labels, images_u8, gri
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [row["epoch"] for row in history]
     for key, style in (("train_loss", "-"), ("train_acc", "m--"), ("test_acc", "g-."), ("val_acc", "g-.")):
-        if key in history[0]:
+        if history[0].get(key) is not None:
             ax.plot(epochs, [row[key] for row in history], style, label=key.replace("_", " "))
     ax.set(xlabel="epoch", xlim=(1, max(epochs[-1], 2)), ylim=(0.3, 0.9))
     ax.grid(True)

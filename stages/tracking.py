@@ -137,7 +137,7 @@ class Run:
             Metric(key, float(value), 0, row["epoch"])
             for row in history
             for key, value in row.items()
-            if key != "epoch"
+            if key != "epoch" and value is not None
         ]
         metrics.append(Metric("kept_epoch", float(kept_epoch), 0, 0))
         with _one_line_errors(self.uri, "failed logging the training"), _store_lock(self.uri):

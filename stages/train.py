@@ -94,7 +94,9 @@ def fit(model, train_set, eval_set, cfg: TrainConfig, eval_name: str = "test_acc
     for epoch in bar:
         loss, acc = train_epoch(model, loss_fn, optimizer, *train_set, cfg.batch_size, generator, cfg.lr, epoch)
         eval_acc = accuracy(model, *eval_set)
-        history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, eval_name: eval_acc})
+        # Both columns in every row, the unmeasured one null, so `dvc plots` draws either kind of run.
+        history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "test_acc": None, "val_acc": None})
+        history[-1][eval_name] = eval_acc
         bar.set_postfix(loss=f"{loss:.4f}", train_acc=f"{acc:.3f}", **{eval_name: f"{eval_acc:.3f}"})
         bar.write(f"epoch {epoch:3d}  train_loss {loss:.4f}  train_acc {acc:.4f}  {eval_name} {eval_acc:.4f}")
         if cfg.patience:

@@ -86,3 +86,17 @@ def test_real_fashion_mnist_one_epoch(tmp_path):
     assert len(history) == 1
     assert 0.70 < metrics["test_acc"] < 0.85  # the book's first epoch lands near 0.75-0.79
     assert metrics["test_acc"] == pytest.approx(history[0]["test_acc"])
+
+
+def test_early_stopping_experiment_keeps_its_best_epoch_and_plots(tiny_project):
+    run([DVC, "repro"], tiny_project)
+    overrides = ["val_size=100", "patience=2", "num_epochs=40", "lr=3"]
+    run([DVC, "exp", "run", *[arg for o in overrides for arg in ("-S", o)]], tiny_project)
+    info = json.loads((tiny_project / "reports/train/run.json").read_text())
+    history = json.loads((tiny_project / "reports/train/history.json").read_text())
+    val = [row["val_acc"] for row in history]
+    assert info["epochs_run"] == len(history) < 40
+    assert info["kept_epoch"] == val.index(max(val)) + 1
+    assert all(row["test_acc"] is None for row in history)  # the test set waits for evaluate
+    plots = json.loads(run([DVC, "plots", "show", "--json"], tiny_project).stdout)
+    assert not plots.get("errors") and plots["data"]["Training curves"]

@@ -128,31 +128,43 @@ def test_a_run_holds_params_curves_reports_and_a_loadable_model(tiny_project):
     np.testing.assert_array_equal(probabilities.argmax(1), ours)
 
 
-def test_queued_sweep_with_two_workers_and_temp_runs_land_in_the_root_store(tiny_project):
-    run([DVC, "exp", "run", "--queue", "-S", "lr=0.01,0.05"], tiny_project)
+def test_queued_grid_sweep_with_two_workers_and_temp_runs_land_in_the_root_store(tiny_project):
+    """The README's grid search, shrunk: 2 x 2 points on DVC's queue with two workers."""
+    run([DVC, "exp", "run", "--queue", "-S", "lr=0.01,0.05", "-S", "batch_size=32,64"], tiny_project)
     run([DVC, "queue", "start", "-j", "2"], tiny_project)
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = run([DVC, "queue", "status"], tiny_project).stdout
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 4, status
     run([DVC, "exp", "run", "--temp", "-S", "lr=0.2"], tiny_project)
 
     client = client_for(f"sqlite:///{tiny_project / 'mlflow.db'}")
     runs = all_runs(client)
-    assert sorted(float(r.data.params["lr"]) for r in runs) == [0.01, 0.05, 0.2]
+    points = sorted((float(r.data.params["lr"]), int(r.data.params["batch_size"])) for r in runs)
+    assert points == [(0.01, 32), (0.01, 64), (0.05, 32), (0.05, 64), (0.2, 64)]
     shown = json.loads(run([DVC, "exp", "show", "--json"], tiny_project).stdout)
-    names = {e["name"] for rev in shown for e in (rev.get("experiments") or [])}
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    names = {e["name"] for e in experiments}
     for r in runs:
         assert r.info.status == "FINISHED"
         assert r.info.run_name in names and r.data.tags["dvc.exp_name"] == r.info.run_name
         assert artifact_paths(client, r.info.run_id) >= ARTIFACTS
         assert r.info.artifact_uri.startswith((tiny_project / "mlruns").as_uri())
+        assert "test_acc" in r.data.metrics
     shutil.rmtree(tiny_project / ".dvc" / "tmp", ignore_errors=True)  # the copies are gone; the runs stay
+    assert len(list((tiny_project / "mlruns").rglob("artifacts/evaluation/metrics.json"))) == 5
 
-    assert len(list((tiny_project / "mlruns").rglob("artifacts/evaluation/metrics.json"))) == 3
+    # Compare: sorted by test accuracy, and the training curves of two points overlaid.
+    table = run([DVC, "exp", "show", "--csv", "--sort-by", "test_acc", "--sort-order", "desc"], tiny_project).stdout
+    assert "test_acc" in table.splitlines()[0] and len(table.splitlines()) >= 6
+    first, second = sorted(names)[:2]
+    plots = json.loads(run([DVC, "plots", "diff", first, second, "--json"], tiny_project).stdout)
+    curves = plots["data"]["Training curves"]
+    revisions = {rev for item in curves for rev in item["revisions"]}
+    assert {first, second} <= revisions
 
 
 def test_dvc_from_a_subdirectory_uses_the_same_store(tiny_project):

@@ -32,7 +32,8 @@ def train_once(cfg):
 def test_history_has_the_books_three_numbers_per_epoch():
     history, kept, _ = train_once(tiny_config())
     assert [row["epoch"] for row in history] == [1, 2] and kept == 2
-    assert set(history[0]) == {"epoch", "train_loss", "train_acc", "test_acc"}
+    assert set(history[0]) == {"epoch", "train_loss", "train_acc", "test_acc", "val_acc"}
+    assert history[0]["val_acc"] is None  # no validation split: the book's setup
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert history[1]["test_acc"] > 0.5  # the synthetic classes are easy
 
