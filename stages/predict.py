@@ -71,9 +71,9 @@ def probabilities_from_mlflow(model_uri: str, images_u8: np.ndarray) -> np.ndarr
     """The registered MLflow model already ends in a softmax."""
     import mlflow
 
-    from stages.tracking import _import_mlflow, tracking_uri
+    from stages.tracking import import_mlflow, tracking_uri
 
-    _import_mlflow()
+    import_mlflow()
     mlflow.set_tracking_uri(tracking_uri())
     return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images_u8.astype(np.float32) / 255))
 

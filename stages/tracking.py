@@ -71,7 +71,8 @@ def _store_lock(uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _import_mlflow():
+def import_mlflow():
+    """MLflow, set up offline (no telemetry) and to fail fast instead of retrying for minutes."""
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     import mlflow
@@ -126,8 +127,9 @@ def _one_line_errors(uri: str, doing: str):
 class Run:
     """One MLflow run; train opens it, evaluate reopens it by id."""
 
-    def __init__(self, mlflow, run_id: str, uri: str):
+    def __init__(self, mlflow, run_id: str, uri: str, registered_model: str | None = None):
         self.mlflow, self.run_id, self.uri = mlflow, run_id, uri
+        self.registered_model = registered_model
         self.client = mlflow.MlflowClient()
 
     def log_training(self, history: list[dict], kept_epoch: int, history_path: Path) -> None:
@@ -228,7 +230,7 @@ def _raise_interrupt(signum, frame):
 def training_run(params: Params, data_sha256: str):
     """Start the run before training, so a bad store fails the stage within seconds."""
     uri = tracking_uri()
-    mlflow = _import_mlflow()
+    mlflow = import_mlflow()
     with _one_line_errors(uri, "is not usable"), _store_lock(uri):
         mlflow.set_tracking_uri(uri)
         experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
@@ -240,8 +242,7 @@ def training_run(params: Params, data_sha256: str):
         ).info
         train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
         client.log_batch(info.run_id, params=[Run._param(k, v) for k, v in train_keys.items()])
-    run = Run(mlflow, info.run_id, uri)
-    run.registered_model = params.tracking.registered_model
+    run = Run(mlflow, info.run_id, uri, params.tracking.registered_model)
     with _ending(run):
         yield run
 
@@ -250,7 +251,7 @@ def training_run(params: Params, data_sha256: str):
 def evaluation_run(run_id: str):
     """Reopen the training run so evaluation results sit beside the training curves."""
     uri = tracking_uri()
-    mlflow = _import_mlflow()
+    mlflow = import_mlflow()
     with _one_line_errors(uri, f"cannot reopen run {run_id}"), _store_lock(uri):
         mlflow.set_tracking_uri(uri)
         mlflow.MlflowClient().update_run(run_id, status="RUNNING")

@@ -24,13 +24,6 @@ def lock_md5(project, stage: str, path: str) -> str:
     return next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)
 
 
-def _unused(project):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    return client, client.search_runs(client.search_experiments()[0].experiment_id if False else ["1"])
-
-
 def test_repro_experiment_and_nothing_to_do(tiny_project):
     first = run([DVC, "repro"], tiny_project).stdout
     assert ran(first) == {"check_params", "download", "train", "evaluate"}
