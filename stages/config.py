@@ -182,7 +182,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+        raise ConfigError(f"{Path(path).name}:{where}: malformed YAML: {problem}") from None
     return parse_params(raw)
 
 
