@@ -77,7 +77,8 @@ def import_mlflow():
         os.environ.setdefault(key, value)
     import mlflow
 
-    logging.getLogger("mlflow").setLevel(logging.ERROR)  # keep stage output to what a user needs
+    # Stage output stays what a user needs; MLflow's failures reach them as one `error:` line.
+    logging.getLogger("mlflow").setLevel(logging.CRITICAL)
     return mlflow
 
 
@@ -120,8 +121,10 @@ def _one_line_errors(uri: str, doing: str):
     try:
         yield
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(redacted(f"error: MLflow tracking store {uri} {doing}: {first[:300]}")) from None
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        # SQLAlchemy puts the database's own words on a line of their own: "(sqlite3.X) why".
+        reason = next((line for line in lines if re.match(r"\([\w.]+(Error|Exception)\) ", line)), lines[0])
+        raise SystemExit(redacted(f"error: MLflow tracking store {uri} {doing}: {reason[:300]}")) from None
 
 
 class Run:

@@ -1,6 +1,7 @@
 """Bad input and interruptions, through the real stages: one clear line, a non-zero exit, and
 data, models and the tracking store left as they were."""
 
+import contextlib
 import os
 import pickle
 import signal
@@ -173,6 +174,30 @@ def test_locked_store_fails_within_seconds(trained):
     assert error_line(proc).startswith(f"error: MLflow tracking store sqlite:///{trained / 'mlflow.db'} ")
     assert "locked" in error_line(proc)
     assert elapsed < 60
+    assert snapshot(trained) == before
+    assert [r.info.status for r in runs(trained)] == ["FINISHED"]
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """A file nobody may write, root included (CI runs as root): the immutable flag."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_read_only_store_fails_with_the_databases_reason(trained):
+    before = snapshot(trained)
+    with read_only(trained / "mlflow.db"):
+        proc = run(TRAIN, trained, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"error: MLflow tracking store sqlite:///{trained / 'mlflow.db'} is not usable: "
+        "(sqlite3.OperationalError) attempt to write a readonly database"
+    )
     assert snapshot(trained) == before
     assert [r.info.status for r in runs(trained)] == ["FINISHED"]
 
