@@ -31,6 +31,8 @@ def split_validation(n: int, cfg: TrainConfig):
 
     if cfg.val_size == 0:
         return torch.arange(n), None
+    if cfg.val_size >= n:
+        raise SystemExit(f"error: params.yaml: val_size: {cfg.val_size} leaves no training data (the set has {n})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.val_seed))
     return order[cfg.val_size :].sort().values, order[: cfg.val_size].sort().values
 

@@ -86,6 +86,11 @@ def test_validation_split_is_carved_from_training_by_seed():
     assert not torch.equal(split_validation(600, dataclasses.replace(cfg, val_seed=4))[1], val_idx)
 
 
+def test_a_validation_split_must_leave_training_data():
+    with pytest.raises(SystemExit, match="val_size: 600 leaves no training data"):
+        split_validation(600, tiny_config(val_size=600))
+
+
 def test_early_stopping_keeps_the_best_epoch():
     cfg = tiny_config(num_epochs=30, lr=3.0, val_size=100, patience=2)
     torch.manual_seed(cfg.seed)
