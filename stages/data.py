@@ -122,7 +122,7 @@ def _open_url(url: str, timeout: float, retries: int):
     raise DataError(f"{url}: {last}")
 
 
-def _stream_into(stream, out, timeout_hint: str) -> str:
+def _stream_into(stream, out, where: str) -> str:
     """Copy `stream` into `out`, gunzipping if it is gzip; return the SHA-256 of what was written."""
     digest = hashlib.sha256()
     first = stream.read(_CHUNK)
@@ -135,7 +135,7 @@ def _stream_into(stream, out, timeout_hint: str) -> str:
         chunk = stream.read(_CHUNK)
     if inflate:
         if not inflate.eof:
-            raise DataError(f"{timeout_hint}: gzip stream ends early (truncated)")
+            raise DataError(f"{where}: gzip stream ends early (truncated)")
         tail = inflate.flush()
         digest.update(tail)
         out.write(tail)

@@ -29,10 +29,6 @@ _ENV_DEFAULTS = {
 }
 
 
-class TrackingError(Exception):
-    pass
-
-
 def store_root(project_root: Path = ROOT) -> Path:
     """The project whose store this run belongs to.
 
