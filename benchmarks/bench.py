@@ -105,19 +105,14 @@ def _bytes(model) -> bytes:
 
 def project_copy() -> Path:
     """A git repo holding the project, reading the already-verified data as its local source."""
-    dest = Path(tempfile.mkdtemp(prefix="bench-project-"))
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for rel in filter(None, listed.stdout.split("\0")):
-        if rel.startswith(("tests/", "benchmarks/")) or not (ROOT / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
+    from tests.helpers import copy_project, git_commit_all, run
+
+    dest = copy_project(Path(tempfile.mkdtemp(prefix="bench-project-")), skip=("tests/", "benchmarks/"))
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["data"]["local_dirs"] = [str(DATA)]
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    run(["git", "init", "-q"], dest)
+    git_commit_all(dest, "bench")
     return dest
 
 

@@ -1,15 +1,53 @@
-"""The pipeline's stages (`python -m stages.<name>`) and the modules they share."""
+"""The pipeline's stages (`python -m stages.<name>`) and the modules they share.
+
+One error route: library code raises `PipelineError` (or a subclass) with a message that names the
+culprit; `run_stage` is the one place that turns it into the `error:` line and the exit code.
+"""
 
 import gc
+import signal
 import sys
 
 
+class PipelineError(Exception):
+    """A failure the user can act on; the message is the whole story (key, file, URL or store)."""
+
+
+class Interrupted(PipelineError):
+    """Ctrl-C or SIGTERM, raised at a safe point: between batches, chunks or output files."""
+
+
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+_received: list[int] = []
+
+
+def _record(signum, frame) -> None:
+    # Only record: raising here would land wherever Python happens to be, finalizers included,
+    # which swallow it. A second signal means "stop now", so it goes back to the default action.
+    _received.append(signum)
+    signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+
+def check_interrupt() -> None:
+    """Raise `Interrupted` if Ctrl-C or SIGTERM arrived; call it where stopping leaves no mess."""
+    if _received:
+        raise Interrupted(f"interrupted by {_SIGNAL_NAMES.get(_received[0], f'signal {_received[0]}')}")
+
+
 def run_stage(main) -> None:
-    """Run a stage's main() as a program: an interruption ends it with one line, not a traceback."""
+    """Run a stage's main() as a program: a failure ends it with one `error:` line, not a traceback."""
+    for signum in _SIGNAL_NAMES:
+        signal.signal(signum, _record)
     try:
         main()
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into one by the tracking module
-        sys.exit(f"error: interrupted ({e or 'Ctrl-C'}); outputs already written stay as they were")
+    except Interrupted as e:
+        sys.exit(f"error: {e}; outputs stay the previous complete ones")
+    except PipelineError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was waiting for a safe point
+        sys.exit("error: interrupted by Ctrl-C; outputs stay the previous complete ones")
+    if _received:  # after the last safe point: the outputs are complete, but the user asked to stop
+        sys.exit(f"error: interrupted by {_SIGNAL_NAMES.get(_received[0], 'a signal')} after the outputs were written")
     # Interpreter teardown would spend ~2 s walking torch's and MLflow's object graph; the
     # outputs are written and closed by now, so let the process end without that walk.
     gc.freeze()

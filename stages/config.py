@@ -37,6 +37,7 @@ class TrainConfig:
     val_seed: int = field(metadata={"min": 0})
     patience: int = field(metadata={"min": 0})
     device: str = field(metadata={"pattern": r"auto|cpu|cuda(:\d+)?"})
+    determinism: str = field(metadata={"pattern": r"portable|fast"})
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stages import files, run_stage
+from stages import determinism, files, run_stage
 from stages.config import load_or_exit
 
 
@@ -118,11 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot read training outputs: {e}") from None
 
+    determinism.apply(params.train.determinism)
     import torch
 
     from stages import tracking
     from stages.data import CLASSES, DataError, load_split
     from stages.model import CheckpointError, load_checkpoint
+
+    determinism.threads(params.train.determinism)
 
     try:
         model, _ = load_checkpoint(args.model)

@@ -1,4 +1,9 @@
-"""Atomic output writes: a reader (or a crash) sees the old file or the complete new one, never half."""
+"""Atomic output writes: a reader (or a crash) sees the old files or the complete new ones, never half.
+
+A stage's outputs are published together: `Outputs` writes each file to a temporary file beside its
+target and moves them all into place only once every one is complete, so a failure part-way (a full
+disk, an interrupt) leaves every output as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,74 @@ import os
 import tempfile
 from pathlib import Path
 
+from stages import PipelineError
 
-def write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        publish(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+class OutputError(PipelineError):
+    """An output that cannot be written; the message names the file and the system's reason."""
+
+
+class Outputs:
+    """`with Outputs() as out: out.write_json(...)`: all files move into place at the end, or none."""
+
+    def __init__(self):
+        self._staged: list[tuple[str, Path]] = []
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        path = Path(path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            self._staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+
+    def write_text(self, path: Path, text: str) -> None:
+        self.write_bytes(path, text.encode())
+
+    def write_json(self, path: Path, obj) -> None:
+        self.write_text(path, json.dumps(obj, indent=2) + "\n")
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._staged.clear()
+
+    def publish(self) -> None:
+        try:
+            for tmp, path in self._staged:
+                publish(tmp, path)
+        finally:
+            self.discard()
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()
 
 
 def publish(tmp: str | Path, path: Path) -> None:
     """Move a finished temporary file into place, with the permissions a plain open() would give."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with Outputs() as out:
+        out.write_bytes(path, data)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from stages import files, run_stage
+from stages import determinism, files, run_stage
 from stages.config import TrainConfig, load_or_exit
 
 
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_or_exit()  # before any heavy import: a bad value costs a fraction of a second
     cfg = params.train
+    determinism.apply(cfg.determinism)
 
     import torch
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.data import DataError, dataset_digest, load_split
     from stages.model import build_model, resolve_device, save_checkpoint, to_inputs
 
+    determinism.threads(cfg.determinism)
     device = resolve_device(cfg.device)
     if device.type == "cuda":  # the CPU kernels used here are deterministic already
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from stages.config import ConfigError, load_params, parse_params
-from tests.conftest import copy_project, default_params
+from tests.helpers import copy_project, default_params
 
 
 def with_changes(**changes) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from stages import data
 from stages.data import FILES, DataError, Source, fetch_all, fetch_file, load_split
-from tests.conftest import checksum_text, idx_bytes, synthetic_split, write_dataset
+from tests.helpers import checksum_text, idx_bytes, synthetic_split, write_dataset
 
 
 class Mirror:

@@ -13,28 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BIN, cli_env, idx_bytes, run, synthetic_split
+from tests.helpers import DVC, EVALUATE, TRAIN, cli_env, error_line, idx_bytes, run, runs, synthetic_split
 
 pytestmark = pytest.mark.slow
-DVC = str(BIN / "dvc")
-TRAIN = ["python", "-m", "stages.train", "--data", "data/fashion-mnist", "--model", "models/model.pt",
-         "--history", "reports/train/history.json", "--run-info", "reports/train/run.json"]  # fmt: skip
-EVALUATE = [*TRAIN, "--out", "reports/eval"]
-EVALUATE[2] = "stages.evaluate"
-
-
-def runs(project):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("fashion-mnist-softmax")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
-
-
-def error_line(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert lines, proc.stdout
-    return lines[-1]
 
 
 def snapshot(project) -> dict[str, bytes]:
@@ -203,7 +184,7 @@ def test_read_only_store_fails_with_the_databases_reason(trained):
 
 
 def test_ui_command_listens_on_this_machine_only():
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     ui = [line for line in (ROOT / "Makefile").read_text().splitlines() if "mlflow ui" in line]
     assert ui and all("--host 127.0.0.1" in line for line in ui)

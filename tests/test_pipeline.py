@@ -3,25 +3,10 @@
 import json
 
 import pytest
-import yaml
 
-from tests.conftest import BIN, REAL_DATA, make_project, run, shrunk_params
+from tests.helpers import DVC, REAL_DATA, lock_md5, make_project, ran, run, shrunk_params, skipped
 
 pytestmark = pytest.mark.slow
-DVC = str(BIN / "dvc")
-
-
-def ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
-
-
-def skipped(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.endswith("didn't change, skipping")}
-
-
-def lock_md5(project, stage: str, path: str) -> str:
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)
 
 
 def test_repro_experiment_and_nothing_to_do(tiny_project):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from stages.predict import ImageError, load_image, top_k
-from tests.conftest import BIN, run, synthetic_split
+from tests.helpers import DVC, run, synthetic_split
 
 
 def photo(item: np.ndarray, size: int = 112) -> Image.Image:
@@ -53,7 +53,7 @@ def test_top_k_orders_by_probability():
 
 @pytest.mark.slow
 def test_cli_agrees_with_the_pipeline_and_with_mlflow(tiny_project):
-    run([str(BIN / "dvc"), "repro"], tiny_project)
+    run([DVC, "repro"], tiny_project)
     cli = ["python", "-m", "stages.predict", "--top", "1"]
     ours = run([*cli, "--test-index", "0", "1", "2"], tiny_project).stdout.splitlines()
     served = run([*cli, "--mlflow", "--test-index", "0", "1", "2"], tiny_project).stdout.splitlines()

@@ -1,22 +1,27 @@
 """MLflow tracking end to end: real `dvc` runs, a real SQLite store, real `mlflow server`s."""
 
-import contextlib
 import json
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import BIN, cli_env, run
+from tests.helpers import (
+    DVC,
+    TRAIN,
+    all_runs,
+    artifact_paths,
+    client_for,
+    free_port,
+    mlflow_server,
+    postgres,
+    run,
+    run_git,
+)
 
 pytestmark = pytest.mark.slow
-DVC = str(BIN / "dvc")
 ARTIFACTS = {
     "history.json",
     "evaluation/metrics.json",
@@ -29,58 +34,6 @@ ARTIFACTS = {
 }
 
 
-def client_for(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def all_runs(client):
-    experiment = client.get_experiment_by_name("fashion-mnist-softmax")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
-
-
-def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path or None):
-        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, seconds: float = 90):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-@contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path):
-    port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with open(artifacts.parent / f"mlflow-server-{port}.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=cli_env(MLFLOW_DISABLE_TELEMETRY="true"), stdout=log, stderr=log)
-        try:
-            wait_for(f"http://127.0.0.1:{port}/health", proc)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
 def check_complete_run(client, project: Path, run, lr: float):
     assert run.info.status == "FINISHED"
     assert float(run.data.params["lr"]) == lr and run.data.params["batch_size"] == "64"
@@ -90,10 +43,6 @@ def check_complete_run(client, project: Path, run, lr: float):
     curve = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in curve] == list(range(1, int(run.data.params["num_epochs"]) + 1))
     assert artifact_paths(client, run.info.run_id) >= ARTIFACTS
-
-
-def run_git(project: Path, *args: str) -> str:
-    return run(["git", *args], project).stdout.strip()
 
 
 def test_a_run_holds_params_curves_reports_and_a_loadable_model(tiny_project):
@@ -186,41 +135,6 @@ def test_tracking_server_with_sqlite_backend_and_proxied_artifacts(tiny_project,
     assert list(artifacts.rglob("classification_report.txt"))
 
 
-@contextlib.contextmanager
-def postgres():
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-    if not bins:
-        pytest.skip("PostgreSQL server binaries not installed")
-    bindir, port = bins[-1].parent, free_port()
-    # initdb refuses to run as root; the Debian package provides the postgres user.
-    as_user = (
-        ["runuser", "-u", "postgres", "--"]
-        if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() == "0"
-        else []
-    )
-    home = Path(tempfile.mkdtemp(prefix="pg-"))
-    if as_user:
-        shutil.chown(home, "postgres")
-    datadir = home / "data"
-    try:
-        subprocess.run(
-            [*as_user, bindir / "initdb", "-D", datadir, "-U", "mlflow", "--auth=trust"],
-            check=True,
-            capture_output=True,
-        )
-        opts = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
-        subprocess.run(
-            [*as_user, bindir / "pg_ctl", "-D", datadir, "-o", opts, "-w", "-l", home / "log", "start"],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run([bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], check=True)
-        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run([*as_user, bindir / "pg_ctl", "-D", datadir, "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
-
-
 def test_tracking_server_with_postgresql_backend(tiny_project, tmp_path):
     with postgres() as backend, mlflow_server(backend, tmp_path / "artifacts") as url:
         run([DVC, "repro"], tiny_project, MLFLOW_TRACKING_URI=url)
@@ -236,11 +150,7 @@ def test_unreachable_server_fails_within_seconds_and_touches_nothing(tiny_projec
     model.write_bytes(b"previous model")
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    proc = run(
-        ["python", "-m", "stages.train", "--data", "data/fashion-mnist", "--model", "models/model.pt",
-         "--history", "reports/train/history.json", "--run-info", "reports/train/run.json"],
-        tiny_project, check=False, MLFLOW_TRACKING_URI=uri,
-    )  # fmt: skip
+    proc = run(TRAIN, tiny_project, check=False, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking store {uri} is not usable")
     assert time.monotonic() - start < 60  # imports included; MLflow's own retries would take minutes

@@ -7,7 +7,7 @@ import torch
 from stages.config import parse_params
 from stages.model import build_model, to_inputs
 from stages.train import DivergedError, fit, split_validation
-from tests.conftest import default_params, synthetic_split
+from tests.helpers import default_params, synthetic_split
 
 
 def tiny_config(**changes):
