@@ -12,13 +12,15 @@ from urllib.parse import urlparse
 
 import yaml
 
+from stages import PipelineError
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"  # the project's own, wherever the stage is started from
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError):
     """A bad value in params.yaml; the message names the key, the value and what is allowed."""
 
 
@@ -45,6 +47,7 @@ class DataConfig:
     local_dirs: list[str]
     mirrors: list[str]
     timeout_s: float = field(metadata={"gt": 0})
+    deadline_s: float = field(metadata={"gt": 0})
     retries: int = field(metadata={"min": 0})
 
 
