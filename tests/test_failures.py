@@ -88,6 +88,77 @@ def test_interrupted_training_keeps_the_previous_model_and_marks_the_run_killed(
     run([DVC, "repro"], trained)  # and the next run is clean
 
 
+# The signal lands exactly as MLflow opens the run: the moment where a handler that raised from
+# wherever Python happened to be was swallowed by SQLAlchemy's finalizers (7 times in 13).
+SIGNAL_AS_THE_RUN_OPENS = """
+import os, signal, sys
+import stages.tracking as tracking
+
+real_import = tracking.import_mlflow
+
+def import_mlflow_and_signal_on_create_run():
+    mlflow = real_import()
+    create_run = mlflow.MlflowClient.create_run
+
+    def create_run_after_a_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.{signal})
+        return create_run(self, *args, **kwargs)
+
+    mlflow.MlflowClient.create_run = create_run_after_a_signal
+    return mlflow
+
+tracking.import_mlflow = import_mlflow_and_signal_on_create_run
+from stages import run_stage
+from stages.train import main
+sys.argv = {argv!r}
+run_stage(main)
+"""
+
+
+@pytest.mark.parametrize("signal_name, shown", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
+def test_a_signal_as_the_run_opens_is_never_swallowed(trained, signal_name, shown):
+    before = snapshot(trained)
+    script = SIGNAL_AS_THE_RUN_OPENS.format(signal=signal_name, argv=TRAIN[2:])
+    proc = run(["python", "-c", script], trained, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: interrupted by {shown}; outputs stay the previous complete ones"
+    ]
+    assert snapshot(trained) == before
+    assert sorted(r.info.status for r in runs(trained)) == ["FINISHED", "KILLED"]
+
+
+@contextlib.contextmanager
+def full_disk(directory):
+    """`directory` on a nearly full filesystem of its own (a small tmpfs), holding its old files."""
+    saved = {p.name: p.read_bytes() for p in directory.iterdir()}
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        for name, data in saved.items():
+            (directory / name).write_bytes(data)
+        with open(directory / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 1024)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_publishes_none_of_the_outputs(trained):
+    """The model would fit; the history behind it does not: neither may replace the old ones."""
+    before = snapshot(trained)
+    with full_disk(trained / "reports" / "train"):
+        proc = run(TRAIN, trained, check=False)
+        assert proc.returncode == 1
+        assert error_line(proc) == "error: reports/train/history.json: cannot write: No space left on device"
+        assert "Traceback" not in proc.stderr
+        assert snapshot(trained) == before
+        leftovers = [p.name for d in ("models", "reports/train") for p in (trained / d).iterdir()]
+        assert sorted(leftovers) == ["filler", "history.json", "model.pt", "run.json"]
+    assert sorted(r.info.status for r in runs(trained)) == ["FAILED", "FINISHED"]
+
+
 class WritesAFile:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
