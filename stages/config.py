@@ -24,23 +24,18 @@ class ConfigError(PipelineError):
     """A bad value in params.yaml; the message names the key, the value and what is allowed."""
 
 
-def _number_from_text(value):
-    # PyYAML reads `1e-3` (no dot) as a string; people write it meaning 0.001.
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
-        return float(value)
-    return value
-
-
 def _mirror_url(url: str) -> str:
     u = urlparse(url)
+    if u.username or u.password:  # params are logged to MLflow and committed to git; checked first: never echo them
+        raise ValueError(f"{u.hostname}: credentials do not belong in params.yaml")
     if not (u.scheme == "https" or (u.scheme == "http" and u.hostname in LOOPBACK_HOSTS)) or not u.hostname:
         raise ValueError(f"{url!r} is not allowed; expected an https:// URL (plain http:// only on localhost)")
-    if u.username or u.password:  # params are logged to MLflow and committed to git: never echo them
-        raise ValueError(f"{u.hostname}: credentials do not belong in params.yaml")
     return url
 
 
-Number = Annotated[float, BeforeValidator(_number_from_text)]
+# PyYAML reads `1e-3` (no dot) as a string; people write it meaning 0.001.
+_DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+Number = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and _DECIMAL.fullmatch(v) else v)]
 Text = Annotated[str, Field(min_length=1)]
 
 
@@ -105,41 +100,37 @@ class Params(_Section):
 
 
 SECTIONS = ("data", "evaluate", "tracking")
-_SYMBOLS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
 def _expected(field) -> str:
-    """What a field allows, in words: 'an integer >= 1', 'a number >= 0 and < 1', one of the choices..."""
-    if field.description:
-        return field.description
-    if get_origin(field.annotation) is Literal:
-        return "one of " + ", ".join(map(repr, get_args(field.annotation)))
-    bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata for attr, symbol in _SYMBOLS if hasattr(m, attr)]
-    return " and ".join([{int: "an integer", float: "a number"}[field.annotation] + " " + bounds[0], *bounds[1:]])
+    """What a field allows, in words: 'an integer >= 1', 'a number >= 0 and < 1', 'one of ...'."""
+    if field.description or get_origin(field.annotation) is Literal:
+        return field.description or "one of " + ", ".join(map(repr, get_args(field.annotation)))
+    symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [f"{symbols[a]} {getattr(m, a)}" for m in field.metadata for a in symbols if hasattr(m, a)]
+    return f"{'an integer' if field.annotation is int else 'a number'} {' and '.join(bounds)}"
 
 
 def _message(error: dict, raw: dict) -> str:
-    """One pydantic error -> the one line a user reads: key, value, what is allowed."""
-    section, name, *_ = (*error["loc"], None, None)  # ("data", "timeout_s"), ("train",), or () for Params
-    model = Params.model_fields[section].annotation if section else Params
-    prefix = "" if section in ("train", None) else f"{section}."
-    key = f"{prefix}{name}" if name is not None else prefix.rstrip(".")
+    """One pydantic error -> the one line a user reads: the key, the value, what is allowed."""
+    section, name = (*error["loc"], None, None)[:2]  # ("data", "timeout_s"), ("train",), or () for Params
+    key = ".".join(str(part) for part in (section, name) if part not in ("train", None))
+    fields = Params.model_fields[section].annotation.model_fields if section else {}
     if error["type"] == "missing":
-        return f"missing key {key!r}" if name is not None else f"missing section {section!r}"
+        return f"missing key {key!r}" if name else f"missing section {key!r}"
     if error["type"] == "model_type":
-        return f"{section}: expected a mapping, got {error['input']!r}"
+        return f"{key}: expected a mapping, got {error['input']!r}"
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(name), model.model_fields, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(name), fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(model.model_fields))}"
-    if error["type"] == "value_error":  # our own validators' messages name the key themselves or need it
-        text = str(error["ctx"]["error"])
-        return text if not key else f"{key}: {text}"
-    if name not in model.model_fields:
+        return f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(fields))}"
+    if error["type"] == "value_error":  # our validators' own words
+        return ": ".join(filter(None, [key, str(error["ctx"]["error"])]))
+    if name not in fields:
         return f"{key}: {error['msg']}"
-    given = raw[name] if section == "train" else raw[section][name]
-    value = repr(given) if len(repr(given)) <= 80 else f"{repr(given)[:60]}... ({len(given)} long)"
-    return f"{key}: {value} is not allowed; expected {_expected(model.model_fields[name])}"
+    value = repr(raw[name] if section == "train" else raw[section][name])
+    value = value if len(value) <= 80 else f"{value[:60]}... ({len(value)} characters)"
+    return f"{key}: {value} is not allowed; expected {_expected(fields[name])}"
 
 
 def parse_params(raw) -> Params:
@@ -190,10 +181,8 @@ load_or_exit = load_params  # TEMPORARY: train/evaluate/download/predict still i
 
 def as_flat_dict(params: Params) -> dict:
     """Params as MLflow wants them: top-level hyperparameters plus dotted section keys."""
-    flat = params.train.model_dump()
-    for name in SECTIONS:
-        flat.update({f"{name}.{key}": value for key, value in getattr(params, name).model_dump().items()})
-    return flat
+    sections = {f"{s}.{key}": value for s in SECTIONS for key, value in getattr(params, s).model_dump().items()}
+    return params.train.model_dump() | sections
 
 
 def main() -> None:
