@@ -37,6 +37,7 @@ def _mirror_url(url: str) -> str:
 _DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 Number = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and _DECIMAL.fullmatch(v) else v)]
 Text = Annotated[str, Field(min_length=1)]
+Name = Annotated[str, Field(max_length=NAME_MAX)]
 
 
 class _Section(BaseModel):
@@ -64,8 +65,9 @@ class TrainConfig(_Section):
 class DataConfig(_Section):
     local_dirs: list[Text] = Field(description="a list of directories")
     mirrors: list[Annotated[Text, AfterValidator(_mirror_url)]] = Field(description="a list of https:// URLs")
-    timeout_s: Number = Field(gt=0)  # one network read
-    deadline_s: Number = Field(gt=0)  # one whole file, retries included
+    # A day at most: a socket timeout past ~1e9 s overflows (a traceback, once a mirror is tried).
+    timeout_s: Number = Field(gt=0, le=86400)  # one network read
+    deadline_s: Number = Field(gt=0, le=86400)  # one whole file, retries included
     retries: int = Field(ge=0)
 
 
@@ -76,9 +78,9 @@ class EvaluateConfig(_Section):
 
 class TrackingConfig(_Section):
     # MLflow's SQL stores keep names in String(256) columns; a model name must be a plain path segment.
-    experiment: str = Field(pattern=r"^\S", max_length=NAME_MAX, description=f"a name of 1 to {NAME_MAX} characters")
-    registered_model: str = Field(
-        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", max_length=NAME_MAX, description=f"1 to {NAME_MAX} of A-Za-z0-9_.-"
+    experiment: Name = Field(pattern=r"^\S", description=f"up to {NAME_MAX} characters, no leading space")
+    registered_model: Name = Field(
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", description=f"up to {NAME_MAX} of A-Za-z0-9_.-, no leading ."
     )
 
 

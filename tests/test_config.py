@@ -51,6 +51,8 @@ def test_numbers_people_write_are_numbers(text, expected):
         ({"data__mirrors": ["http://example.com/"]}, "data.mirrors: 'http://example.com/' is not allowed"),
         ({"data__timeout_s": "soon"}, "data.timeout_s: 'soon' is not allowed"),
         ({"evaluate__batch_size": 0}, "evaluate.batch_size: 0 is not allowed"),
+        ({"data__timeout_s": 1e12}, "data.timeout_s: 1000000000000.0 is not allowed; expected a number > 0 and <="),
+        ({"data__deadline_s": "1e12"}, "data.deadline_s: '1e12' is not allowed; expected a number > 0 and <= 86400"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(changes, fragment):
