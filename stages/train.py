@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg.init_std).to(device)
     with tracking.training_run(params, data_sha256=dataset_digest(args.data)) as run, files.Outputs() as out:
         history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name)
-        checkpoint = checkpoint_bytes(model, dataclasses.asdict(cfg), kept_epoch=kept_epoch)
+        checkpoint = checkpoint_bytes(model, cfg.model_dump(), kept_epoch=kept_epoch)
         model_md5 = hashlib.md5(checkpoint).hexdigest()
         history_json = (json.dumps(history, indent=2) + "\n").encode()
         run.log_training(history, kept_epoch, history_json)
