@@ -13,7 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import DVC, EVALUATE, TRAIN, cli_env, error_line, idx_bytes, run, runs, synthetic_split
+from tests.helpers import (
+    DVC,
+    EVALUATE,
+    TRAIN,
+    cli_env,
+    error_line,
+    git_commit_all,
+    idx_bytes,
+    run,
+    runs,
+    synthetic_split,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +74,20 @@ def test_divergence_fails_naming_lr_and_writes_no_model(tiny_project):
     assert not (tiny_project / "models" / "model.pt").exists()
     (only,) = runs(tiny_project)
     assert only.info.status == "FAILED"
+
+
+def test_after_a_failed_stage_the_readme_commands_bring_the_outputs_back(trained):
+    """DVC deletes a stage's outputs before running it; the README says how to get them back."""
+    git_commit_all(trained, "a good run")
+    before = snapshot(trained)
+    params = (trained / "params.yaml").read_text()
+    (trained / "params.yaml").write_text(params.replace("lr: 0.1", "lr: 1000"))
+    assert run([DVC, "repro"], trained, check=False).returncode != 0
+    assert not (trained / "models" / "model.pt").exists()
+    (trained / "params.yaml").write_text(params)
+    run(["git", "checkout", "--", "reports"], trained)  # the small outputs kept in git
+    run([DVC, "checkout"], trained)  # the rest, from DVC's cache
+    assert snapshot(trained) == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
