@@ -85,7 +85,7 @@ def test_pinned_hashes_are_the_real_fashion_mnist():
 def test_local_copy_is_verified_and_loaded(pinned, tmp_path):
     source, _ = pinned
     out = tmp_path / "data"
-    used = fetch_all(out, [Source(str(source))], pinned[1], timeout=5, retries=0)
+    used = fetch_all(out, [Source(str(source))], pinned[1], timeout=5, retries=0, deadline=30)
     assert listing(out) == sorted(FILES)
     assert set(used.values()) == {f"{source}/{name}" for name in FILES}
     images, labels = load_split(out, "train")
@@ -98,7 +98,7 @@ def test_local_copy_is_verified_and_loaded(pinned, tmp_path):
 def test_uncompressed_local_copy_works_too(pinned, tmp_path):
     raw_dir = tmp_path / "raw"
     write_dataset(raw_dir, gz=False)
-    fetch_all(tmp_path / "data", [Source(str(raw_dir))], pinned[1], timeout=5, retries=0)
+    fetch_all(tmp_path / "data", [Source(str(raw_dir))], pinned[1], timeout=5, retries=0, deadline=30)
     assert listing(tmp_path / "data") == sorted(FILES)
 
 
@@ -107,7 +107,12 @@ def test_missing_directory_then_mirror(pinned, mirror, tmp_path, capsys):
     mirror.serve_dir("/fmnist", source)
     out = tmp_path / "data"
     fetch_all(
-        out, [Source(str(tmp_path / "nowhere")), Source(mirror.url + "/fmnist/")], pinned[1], timeout=5, retries=0
+        out,
+        [Source(str(tmp_path / "nowhere")), Source(mirror.url + "/fmnist/")],
+        pinned[1],
+        timeout=5,
+        retries=0,
+        deadline=30,
     )
     assert listing(out) == sorted(FILES)
     assert f"{tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
@@ -121,7 +126,7 @@ def test_corrupted_file_is_rejected_and_next_source_used(pinned, mirror, tmp_pat
         corrupt(source / f"{name}.gz", bad / f"{name}.gz", flip_at=20)
     mirror.serve_dir("/good", source)
     out = tmp_path / "data"
-    fetch_all(out, [Source(str(bad)), Source(mirror.url + "/good")], pinned[1], timeout=5, retries=0)
+    fetch_all(out, [Source(str(bad)), Source(mirror.url + "/good")], pinned[1], timeout=5, retries=0, deadline=30)
     err = capsys.readouterr().err
     name = "train-images-idx3-ubyte"
     assert f"{name} from {bad}/{name}: SHA-256 " in err
@@ -143,7 +148,7 @@ def test_bad_mirror_responses_fail_cleanly(pinned, mirror, tmp_path, route, frag
     mirror.routes[f"/m/{name}.gz"] = route
     out = tmp_path / "data"
     with pytest.raises(DataError) as err:
-        fetch_file(name, pinned[1][name], Source(mirror.url + "/m"), out, timeout=5, retries=1)
+        fetch_file(name, pinned[1][name], Source(mirror.url + "/m"), out, timeout=5, retries=1, deadline=30)
     assert fragment in str(err.value) and f"{mirror.url}/m/{name}.gz" in str(err.value)
     assert listing(out) == []  # nothing partial left behind
     expected_hits = 2 if route[0] >= 500 else 1  # server errors are retried, a 404 is not
@@ -154,7 +159,7 @@ def test_mirror_that_hangs_times_out(pinned, mirror, tmp_path):
     name = "t10k-labels-idx1-ubyte"
     mirror.routes[f"/slow/{name}.gz"] = (200, "application/gzip", b"", 3)
     with pytest.raises(DataError, match="timed out"):
-        fetch_file(name, pinned[1][name], Source(mirror.url + "/slow"), tmp_path, timeout=0.5, retries=0)
+        fetch_file(name, pinned[1][name], Source(mirror.url + "/slow"), tmp_path, timeout=0.5, retries=0, deadline=30)
 
 
 def test_truncated_gzip_is_rejected(pinned, tmp_path):
@@ -165,7 +170,7 @@ def test_truncated_gzip_is_rejected(pinned, tmp_path):
     blob = (source / f"{name}.gz").read_bytes()
     (bad / f"{name}.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="truncated"):
-        fetch_file(name, sums[name], Source(str(bad)), tmp_path / "out", timeout=5, retries=0)
+        fetch_file(name, sums[name], Source(str(bad)), tmp_path / "out", timeout=5, retries=0, deadline=30)
     assert listing(tmp_path / "out") == []
 
 
@@ -184,7 +189,7 @@ def test_bad_idx_structure_is_named(pinned, tmp_path, mutate, fragment):
     bad.mkdir()
     (bad / name).write_bytes(mutate(gzip.decompress((source / f"{name}.gz").read_bytes())))
     with pytest.raises(DataError) as err:
-        fetch_file(name, sums[name], Source(str(bad)), tmp_path / "out", timeout=5, retries=0)
+        fetch_file(name, sums[name], Source(str(bad)), tmp_path / "out", timeout=5, retries=0, deadline=30)
     assert fragment in str(err.value) and str(bad / name) in str(err.value)
 
 
@@ -196,6 +201,7 @@ def test_nothing_works_lists_every_attempt(pinned, mirror, tmp_path):
             pinned[1],
             timeout=2,
             retries=0,
+            deadline=30,
         )
     message = str(err.value)
     assert message.startswith("train-images-idx3-ubyte: no source gave a verified copy; tried:")
