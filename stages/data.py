@@ -141,14 +141,16 @@ def _open_url(url: str, timeout: float, retries: int, ends: float, deadline: flo
     last = ""
     for attempt in range(retries + 1):
         if attempt:
-            _pause(min(0.5 * 2**attempt, 4, ends - time.monotonic()))
-        check_interrupt()
+            pause = min(0.5 * 2**attempt, 4)
+            if time.monotonic() + pause >= ends:  # no time for another try: say so now, not at the deadline
+                raise _too_slow(url, deadline, f"; last attempt: {last}")
+            _pause(pause)
         left = ends - time.monotonic()
         if left <= 0:
             raise _too_slow(url, deadline, f"; last attempt: {last}" if last else "")
         try:
-            # Every later read of the response waits at most this long, so the deadline is
-            # overrun by one read at most.
+            # Every later read of the response waits at most this long, so a read that hangs
+            # overruns the deadline by one timeout at most.
             response = urllib.request.urlopen(url, timeout=min(timeout, left))
         except urllib.error.HTTPError as e:
             last = f"HTTP {e.code} {e.reason}"
