@@ -2,6 +2,8 @@
 
 The data stays in its original IDX format, decompressed, so verification is one SHA-256 per file
 (the same whatever gzip produced it) and loading is a memory copy with numpy: no torchvision.
+A download is bounded in time (data.deadline_s per file and source) and in size (the size its IDX
+header announces), and is staged beside the output directory, never inside it.
 """
 
 from __future__ import annotations
