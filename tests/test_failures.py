@@ -65,6 +65,20 @@ def test_bad_data_reaching_train_is_named(trained, mutate, message):
     assert snapshot(trained) == before
 
 
+def test_hand_edited_labels_in_range_are_refused_before_training(trained):
+    target = trained / "data" / "fashion-mnist" / "train-labels-idx1-ubyte"
+    _, labels = synthetic_split(600, 1)
+    target.unlink()  # DVC may have linked it from the cache; never write through that link
+    target.write_bytes(idx_bytes((labels + 1) % 10))  # every label still in 0..9
+    before = snapshot(trained)
+    proc = run(TRAIN, trained, check=False)
+    assert proc.returncode == 1
+    assert error_line(proc).startswith("error: data/fashion-mnist/train-labels-idx1-ubyte: SHA-256 ")
+    assert error_line(proc).endswith("(stages/fashion-mnist.sha256); run the download stage (dvc repro download)")
+    assert snapshot(trained) == before
+    assert len(runs(trained)) == 1  # the run that trained on the pinned data only
+
+
 def test_divergence_fails_naming_lr_and_writes_no_model(tiny_project):
     params = (tiny_project / "params.yaml").read_text().replace("lr: 0.1", "lr: 1000")
     (tiny_project / "params.yaml").write_text(params)
