@@ -4,10 +4,12 @@ data, models and the tracking store left as they were."""
 import contextlib
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +23,10 @@ from tests.helpers import (
     error_line,
     git_commit_all,
     idx_bytes,
+    make_project,
     run,
     runs,
+    shrunk_params,
     synthetic_split,
 )
 
@@ -34,10 +38,18 @@ def snapshot(project) -> dict[str, bytes]:
     return {p: (project / p).read_bytes() for p in paths}
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, tiny_source) -> Path:
+    source, sums = tiny_source
+    project = make_project(tmp_path_factory.mktemp("trained") / "project", shrunk_params(source), sums)
+    run([DVC, "repro"], project)
+    return project
+
+
 @pytest.fixture
-def trained(tiny_project):
-    run([DVC, "repro"], tiny_project)
-    return tiny_project
+def trained(trained_once, tmp_path) -> Path:
+    """A project after one good `dvc repro`: a copy per test of one run (each run costs ~20 s)."""
+    return Path(shutil.copytree(trained_once, tmp_path / "project", symlinks=True))
 
 
 def set_param(project, key, value):
