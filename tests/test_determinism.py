@@ -2,6 +2,7 @@
 thread count and instruction set, and the committed dvc.lock is a contract a fresh clone meets."""
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def test_portable_bytes_are_the_same_for_every_thread_count_and_capability(tiny_
     set_determinism(tiny_project, "fast")
     fast = {train_as_user(tiny_project, *combo)["models/model.pt"] for combo in (combos[0], combos[-1])}
     assert len(fast) == 2
+
+    # A `--temp` experiment (as queued ones, it runs in a copy under .dvc/tmp) trains the same bytes.
+    set_determinism(tiny_project, "portable")
+    run([DVC, "exp", "run", "--temp", "-n", "elsewhere"], tiny_project, OMP_NUM_THREADS="2")
+    shown = json.loads(run([DVC, "exp", "show", "--json"], tiny_project).stdout)
+    (experiment,) = [e for rev in shown for e in (rev.get("experiments") or []) if e["name"] == "elsewhere"]
+    metrics = experiment["revs"][0]["data"]["metrics"]["reports/train/run.json"]["data"]
+    assert metrics["model_md5"] == reference["models/model.pt"]
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs Debian's dataset-fashion-mnist")

@@ -262,6 +262,27 @@ def test_bad_tracking_uri_is_one_line_without_secrets(trained, uri, shown):
     assert snapshot(trained) == before
 
 
+@pytest.mark.parametrize(
+    "break_store, reason",
+    [
+        (lambda db: db.mkdir(), "unable to open database file"),
+        (lambda db: db.write_bytes(b"not a database, " * 512), "file is not a database"),
+    ],
+)
+def test_a_store_that_cannot_be_opened_fails_within_seconds(trained, break_store, reason):
+    before = snapshot(trained)
+    db = trained / "mlflow.db"
+    db.unlink()
+    break_store(db)
+    start = time.monotonic()
+    proc = run(TRAIN, trained, check=False)
+    assert proc.returncode == 1
+    assert error_line(proc).startswith(f"error: MLflow tracking store sqlite:///{db} is not usable: ")
+    assert reason in error_line(proc)
+    assert time.monotonic() - start < 60  # MLflow alone retries such a store for ~100 s
+    assert snapshot(trained) == before
+
+
 def test_locked_store_fails_within_seconds(trained):
     before = snapshot(trained)
     holder = sqlite3.connect(trained / "mlflow.db", isolation_level=None)
