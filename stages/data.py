@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import files
+from stages import PipelineError, files
 
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -33,7 +33,7 @@ _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes; 3 o
 _CHUNK = 1 << 20
 
 
-class DataError(Exception):
+class DataError(PipelineError):
     """A data file or source that cannot be used; the message names the file and the source."""
 
 

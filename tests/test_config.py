@@ -106,7 +106,7 @@ def test_stage_stops_on_bad_params_before_importing_torch(tmp_path, stage, case)
     assert good in text
     (project / "params.yaml").write_text(text.replace(good, bad, 1))
     args = {"download": ["--out", "d"], "train": ["--data", "d", "--model", "m", "--history", "h", "--run-info", "r"]}
-    args["evaluate"] = [*args["train"], "--out", "o"]
+    args["evaluate"] = [*args["train"][:6], "--out", "o"]
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", f"stages.{stage}", *args[stage]],
         cwd=project, capture_output=True, text=True,

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from stages.config import parse_params
+from stages.config import ConfigError, parse_params
 from stages.model import build_model, to_inputs
 from stages.train import DivergedError, fit, split_validation
 from tests.helpers import default_params, synthetic_split
@@ -87,7 +87,7 @@ def test_validation_split_is_carved_from_training_by_seed():
 
 
 def test_a_validation_split_must_leave_training_data():
-    with pytest.raises(SystemExit, match="val_size: 600 leaves no training data"):
+    with pytest.raises(ConfigError, match="val_size: 600 leaves no training data"):
         split_validation(600, tiny_config(val_size=600))
 
 
