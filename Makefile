@@ -14,6 +14,8 @@ test: setup  ## set up, then run every test (unit and end-to-end)
 	pytest
 
 ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only)
+	@echo "runs of the first experiment, in the Model training view:"
+	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # The champion model (see README, "Serving"), from the project's store unless MLFLOW_TRACKING_URI

@@ -176,7 +176,8 @@ def run_name(params: Params, tags: dict[str, str]) -> str:
     return f"repro-{commit}-lr{cfg.lr:g}-bs{cfg.batch_size}-ep{cfg.num_epochs}-{digest}"
 
 
-# The UI opens an experiment in its GenAI view unless the experiment says it is model training.
+# MLflow's experiment kind says "model training, not GenAI". MLflow 3.17's UI still opens on its
+# global GenAI / Model training toggle (README, "Browsing runs"); the kind serves its other views.
 _EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": EXPERIMENT_DESCRIPTION}
 
 
@@ -400,7 +401,7 @@ def consider_champion(client, version, test_acc: float) -> str:
     if current is None:
         client.set_registered_model_alias(name, CHAMPION, version.version)
         return f"champion: {name} version {version.version} (test_acc {test_acc:.4f}) is the first champion"
-    if current.version == version.version:
+    if str(current.version) == str(version.version):  # MLflow returns it as int or str, by call
         return f"champion: {name} version {version.version} (test_acc {test_acc:.4f}) stays champion"
     best = champion_accuracy(client, current)
     if best is not None and test_acc <= best:

@@ -210,7 +210,7 @@ def test_a_plain_repro_in_a_clean_clone_is_clean_named_sourced_and_honest(tiny_p
 
 
 def champion_version(client) -> str:
-    return client.get_model_version_by_alias("fashion-mnist-softmax", "champion").version
+    return str(client.get_model_version_by_alias("fashion-mnist-softmax", "champion").version)
 
 
 def test_the_champion_moves_only_on_improvement_and_by_hand(tiny_project):
