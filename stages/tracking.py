@@ -385,10 +385,12 @@ def _ending(run: Run):
 
 
 def champion_accuracy(client, version) -> float | None:
-    """A version's test accuracy: its tag, else its run's metric; None when never evaluated."""
-    if "test_acc" in version.tags:
-        return float(version.tags["test_acc"])
-    return client.get_run(version.run_id).data.metrics.get("test_acc")
+    """A version's test accuracy: its run's metric (exact), else its tag (4 digits, for versions
+    whose run is gone); None when never evaluated."""
+    accuracy = client.get_run(version.run_id).data.metrics.get("test_acc") if version.run_id else None
+    if accuracy is None and "test_acc" in version.tags:
+        accuracy = float(version.tags["test_acc"])
+    return accuracy
 
 
 def consider_champion(client, version, test_acc: float) -> str:
