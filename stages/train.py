@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from stages import tracking
-    from stages.data import dataset_digest, load_split
+    from stages.data import load_split, verify_dir
     from stages.model import build_model, checkpoint_bytes, resolve_device, to_inputs
 
     determinism.threads(cfg.determinism)
@@ -141,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.use_deterministic_algorithms(True)
     train_images, train_labels = load_split(args.data, "train")
     test_images, test_labels = load_split(args.data, "test")
+    data_sha256 = verify_dir(args.data)  # after the shape and range checks, whose messages say more
 
     def on_device(images, labels, index=None):
         """Float inputs in [0, 1] and int64 labels, converted once for all epochs."""
@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.init_std).to(device)
-    with tracking.training_run(params, data_sha256=dataset_digest(args.data)) as run, files.Outputs() as out:
+    with tracking.training_run(params, data_sha256=data_sha256) as run, files.Outputs() as out:
         history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name)
-        checkpoint = checkpoint_bytes(model, dataclasses.asdict(cfg), kept_epoch=kept_epoch)
+        checkpoint = checkpoint_bytes(model, cfg.model_dump(), kept_epoch=kept_epoch)
         model_md5 = hashlib.md5(checkpoint).hexdigest()
         history_json = (json.dumps(history, indent=2) + "\n").encode()
         run.log_training(history, kept_epoch, history_json)
