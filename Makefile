@@ -5,7 +5,7 @@ DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: pipeline test setup ui bench
+.PHONY: pipeline test setup ui serve bench
 
 pipeline: setup  ## set up, then run download -> train -> evaluate
 	dvc repro
@@ -14,7 +14,17 @@ test: setup  ## set up, then run every test (unit and end-to-end)
 	pytest
 
 ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only)
+	@echo "runs of the first experiment, in the Model training view:"
+	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The champion model (see README, "Serving"), from the project's store unless MLFLOW_TRACKING_URI
+# names another; --env-manager local: this venv, no conda or virtualenv built, nothing downloaded.
+SERVE_PORT ?= 5001
+serve: setup  ## serve the champion model on http://127.0.0.1:5001/invocations (this machine only)
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" MLFLOW_DISABLE_TELEMETRY=true \
+	  mlflow models serve -m models:/fashion-mnist-softmax@champion --env-manager local \
+	  -h 127.0.0.1 -p $(SERVE_PORT)
 
 bench: setup  ## time the pipeline against the book's loop: benchmarks/RESULTS.md
 	python -m benchmarks.bench

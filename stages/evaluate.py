@@ -160,11 +160,13 @@ def main(argv: list[str] | None = None) -> None:
         metrics, outputs = reports(history, logits, torch.from_numpy(labels).long(), images, cfg.misclassified_grid)
         settings = {k: v for k, v in as_flat_dict(params).items() if k.startswith("evaluate.")}
         run.log_evaluation(metrics, settings, outputs)
+        champion = run.update_champion(metrics["test_acc"])
         for name, data in outputs.items():
             out.write_bytes(args.out / name, data)
         check_interrupt()
     print(outputs["classification_report.txt"].decode())
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  (MLflow run {run.run_id})")
+    print(champion)
 
 
 if __name__ == "__main__":

@@ -2,25 +2,34 @@
 
 fmnist-predict shirt.jpg boot.png          # photos, converted to 28x28 grayscale like Fashion-MNIST
 fmnist-predict --test-index 0 17 42        # images of the test set, with their true labels
-fmnist-predict --mlflow shirt.jpg          # the same through the registered MLflow model
+fmnist-predict --mlflow shirt.jpg          # the same through the registered model's champion
+fmnist-predict --mlflow 3 shirt.jpg        # ... or version 3, or another alias
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from stages import run_stage
+from stages import PipelineError, run_stage
 from stages.data import CLASSES, DataError, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
+# Checked from the file's header before any pixel is decoded: a 165 KB palette PNG can declare
+# 13000x13000 pixels (2.2 GB decoded). 50 megapixels covers phone photos and keeps decoding
+# and conversion under about 0.5 GB.
+MAX_PIXELS = 50_000_000
 
 
-class ImageError(Exception):
-    pass
+class ImageError(PipelineError):
+    """An image that cannot be classified; the message names the file."""
+
+
+class ModelError(PipelineError):
+    """A registered-model version or alias that does not exist or cannot be loaded."""
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -30,18 +39,31 @@ def load_image(path: Path) -> np.ndarray:
     photo on a light background is inverted here too."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    too_large = f"over the limit of {MAX_PIXELS:,} pixels; scale it down"
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # PIL's bomb warning: the check below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"{path}: {width}x{height} is {too_large}")
             image.load()
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except Image.DecompressionBombError:  # PIL's own check, in Image.open, for even larger headers
+        raise ImageError(f"{path}: {too_large}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"{path}: not an image PIL can read ({e})") from None
     if image.mode not in {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr"}:
         raise ImageError(f"{path}: unsupported image mode {image.mode!r}")
-    if image.mode in {"RGBA", "LA", "P"}:  # transparent areas count as background
+    transparent = image.mode in {"RGBA", "LA", "P"}
+    image = image.convert("RGBA" if transparent else "L")
+    # 28x28 is the goal: shrinking first bounds the memory of every step after this one.
+    image.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
+    if transparent:  # transparent areas count as background
         canvas = Image.new("RGBA", image.size, "white")
-        canvas.alpha_composite(image.convert("RGBA"))
+        canvas.alpha_composite(image)
         image = canvas
     gray = image.convert("L")
     pixels = np.asarray(gray, dtype=np.float32)
@@ -67,15 +89,47 @@ def probabilities_from_checkpoint(model_path: Path, images_u8: np.ndarray) -> np
         return model(to_inputs(torch.from_numpy(images_u8))).softmax(1).numpy()
 
 
-def probabilities_from_mlflow(model_uri: str, images_u8: np.ndarray) -> np.ndarray:
+def registered_model_uri(name: str, version_or_alias: str) -> str:
+    """`models:/name/3` for a version number (or `latest`), `models:/name@champion` for an alias."""
+    if version_or_alias.isdigit() or version_or_alias == "latest":
+        return f"models:/{name}/{version_or_alias}"
+    return f"models:/{name}@{version_or_alias}"
+
+
+def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.ndarray) -> np.ndarray:
     """The registered MLflow model already ends in a softmax."""
-    import mlflow
+    from stages.tracking import import_mlflow, redacted, tracking_uri
 
-    from stages.tracking import import_mlflow, tracking_uri
+    mlflow = import_mlflow()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    model_uri = registered_model_uri(name, version_or_alias)
+    try:
+        if version_or_alias.isdigit():
+            client.get_model_version(name, version_or_alias)
+        elif version_or_alias != "latest":
+            client.get_model_version_by_alias(name, version_or_alias)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"{model_uri}: no such version or alias; {_known_versions(mlflow, name)}") from None
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except mlflow.exceptions.MlflowException as e:
+        reason = str(e).strip().splitlines()[0][:300]
+        raise ModelError(redacted(f"{model_uri}: cannot load it from {uri}: {reason}")) from None
+    return np.asarray(model.predict(images_u8.astype(np.float32) / 255))
 
-    import_mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images_u8.astype(np.float32) / 255))
+
+def _known_versions(mlflow, name: str) -> str:
+    """What the user could have asked for instead."""
+    client = mlflow.MlflowClient()
+    try:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        aliases = sorted(client.get_registered_model(name).aliases)
+    except mlflow.exceptions.MlflowException:
+        return f"no registered model {name!r} in this store (run the pipeline first)"
+    listed = f"versions {', '.join(map(str, versions))}" if versions else "no versions"
+    return listed + (f"; aliases {', '.join(aliases)}" if aliases else "; no aliases")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,42 +139,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.pt")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "fashion-mnist")
-    parser.add_argument("--mlflow", nargs="?", const="latest", metavar="VERSION",
-                        help="use the registered MLflow model (default: its latest version)")  # fmt: skip
+    parser.add_argument("--mlflow", nargs="?", const="champion", metavar="VERSION_OR_ALIAS",
+                        help="use the registered MLflow model (default: its champion)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.images and not args.test_index:
         parser.error("give image files or --test-index")
     if not 1 <= args.top <= len(CLASSES):
         parser.error(f"--top must be 1..{len(CLASSES)}")
-    try:
-        names, images, truth = [], [], []
-        for path in args.images:
-            images.append(load_image(path))
-            names.append(str(path))
-            truth.append(None)
-        if args.test_index:
+    names, images, truth = [], [], []
+    for path in args.images:
+        images.append(load_image(path))
+        names.append(str(path))
+        truth.append(None)
+    if args.test_index:
+        try:
             test_images, test_labels = load_split(args.data, "test")
-            for i in args.test_index:
-                if not 0 <= i < len(test_labels):
-                    raise ImageError(f"--test-index {i}: the test set has images 0..{len(test_labels) - 1}")
-                images.append(test_images[i])
-                names.append(f"test[{i}]")
-                truth.append(CLASSES[test_labels[i]])
-        batch = np.stack(images)
-        if args.mlflow:
-            from stages.config import load_or_exit
+        except DataError as e:
+            raise ImageError(str(e)) from None
+        for i in args.test_index:
+            if not 0 <= i < len(test_labels):
+                raise ImageError(f"--test-index {i}: the test set has images 0..{len(test_labels) - 1}")
+            images.append(test_images[i])
+            names.append(f"test[{i}]")
+            truth.append(CLASSES[test_labels[i]])
+    batch = np.stack(images)
+    if args.mlflow:
+        from stages.config import load_or_exit
 
-            uri = f"models:/{load_or_exit().tracking.registered_model}/{args.mlflow}"
-            probabilities = probabilities_from_mlflow(uri, batch)
-        else:
-            from stages.model import CheckpointError
+        probabilities = probabilities_from_mlflow(load_or_exit().tracking.registered_model, args.mlflow, batch)
+    else:
+        from stages.model import CheckpointError
 
-            try:
-                probabilities = probabilities_from_checkpoint(args.model, batch)
-            except CheckpointError as e:
-                raise ImageError(str(e)) from None
-    except (ImageError, DataError) as e:
-        sys.exit(f"error: {e}")
+        try:
+            probabilities = probabilities_from_checkpoint(args.model, batch)
+        except CheckpointError as e:
+            raise ImageError(str(e)) from None
     for name, true, probs in zip(names, truth, probabilities, strict=True):
         ranked = ", ".join(f"{cls} {p:.1%}" for cls, p in top_k(probs, args.top))
         print(f"{name}: {ranked}" + (f"  (true: {true})" if true else ""))

@@ -7,26 +7,50 @@ DVC and MLflow are linked by the model's md5 (the one `dvc.lock` records for mod
 not by a run id: train tags its run `dvc.model_md5`, evaluate finds the run by that tag. A run id
 in a DVC output would change `dvc.lock` on every rerun of the same params and data, and a run
 restored from DVC's run-cache (no command runs) still leads to the run that trained it.
+
+What a run holds: every training param; the per-epoch curves under `epoch/<name>` at steps 1..N;
+the final evaluation under the same keys as reports/eval/metrics.json (`test_acc`, ...), also on
+the logged model; provenance tags (git, DVC, data, user, host and pid). The registered model's
+`champion` alias moves to a new version only when its test accuracy beats the champion's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
+import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import yaml
 
 from stages import Interrupted, PipelineError
 from stages.config import Params, as_flat_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_MD5_TAG = "dvc.model_md5"
+HOST_TAG, PID_TAG = "process.host", "process.pid"
+CHAMPION = "champion"
+CURVE_PREFIX = "epoch/"  # per-epoch curves; the final evaluation keeps metrics.json's keys
+EXPERIMENT_DESCRIPTION = """\
+Softmax regression on Fashion-MNIST (Dive into Deep Learning 3.7) as a DVC pipeline:
+download -> train -> evaluate. One run per trained model: its params, per-epoch curves
+(`epoch/train_loss`, `epoch/train_acc`, `epoch/test_acc` or `epoch/val_acc`), the final test
+metrics (`test_acc`, `test_loss`, `f1_macro`, ...), reports and the model, registered as a new
+version; the alias `champion` marks the best version by test accuracy.
+
+Run names: a DVC experiment's name (`dvc exp run`), else `repro-<commit>-lr<lr>-bs<batch>-ep<epochs>-<params hash>`
+(`+dirty` after the commit when code or params differ from it). See README.md, "Browsing runs".
+"""
 # Offline by default, and fail fast: MLflow's HTTP client otherwise retries for minutes.
 _ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -93,29 +117,108 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def source_tags(data_sha256: str) -> dict[str, str]:
-    """Tags that lead from an MLflow run back to the code, data and DVC experiment that made it."""
+def dvc_outputs(project: Path = ROOT) -> list[str]:
+    """Every path a stage in dvc.yaml writes: DVC deletes them before the stage runs."""
+    try:
+        stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return []
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            paths += [next(iter(out)) if isinstance(out, dict) else out for out in stage.get(kind, [])]
+    return paths
+
+
+def git_dirty() -> bool:
+    """Whether the code or params differ from the commit. dvc.lock and the stages' own outputs
+    do not count: DVC deletes a stage's outputs before running it, and writes dvc.lock after."""
+    excluded = [f":(exclude){path}" for path in ["dvc.lock", *dvc_outputs()]]
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded))
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return str(os.getuid())
+
+
+def source_tags(data_sha256: str, stage_script: str) -> dict[str, str]:
+    """Tags that lead from an MLflow run back to the code, data, DVC experiment, person and process
+    that made it; the `mlflow.*` ones fill the UI's "Created by" and "Source" columns."""
     commit = _git("rev-parse", "HEAD")
     tags = {
+        "mlflow.user": _user(),
+        "mlflow.source.name": stage_script,
+        "mlflow.source.type": "LOCAL",
         "mlflow.source.git.commit": commit,
         "git.commit": commit,
-        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "git.dirty": str(git_dirty()).lower(),
         "data.sha256": data_sha256,
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
     }
     return {k: v for k, v in tags.items() if v}
+
+
+def run_name(params: Params, tags: dict[str, str]) -> str:
+    """A DVC experiment's own name; for a plain `dvc repro`, a name that says what the run is:
+    `repro-<commit>[+dirty]-lr0.1-bs256-ep10-<hash of every training param>`."""
+    if tags.get("dvc.exp_name"):
+        return tags["dvc.exp_name"]
+    cfg = params.train
+    commit = tags.get("git.commit", "nogit")[:7] + ("+dirty" if tags.get("git.dirty") == "true" else "")
+    train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
+    digest = hashlib.sha256(json.dumps(train_keys, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"repro-{commit}-lr{cfg.lr:g}-bs{cfg.batch_size}-ep{cfg.num_epochs}-{digest}"
+
+
+# MLflow's experiment kind says "model training, not GenAI". MLflow 3.17's UI still opens on its
+# global GenAI / Model training toggle (README, "Browsing runs"); the kind serves its other views.
+_EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": EXPERIMENT_DESCRIPTION}
 
 
 def _experiment_id(mlflow, name: str, uri: str) -> str:
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A local store keeps artifacts beside mlflow.db, as an absolute location, so runs from
-    # DVC's temporary experiment copies keep their artifacts after the copy is deleted.
-    location = (store_root() / "mlruns").as_uri() if _is_local_store(uri) else None
-    return client.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        # A local store keeps artifacts beside mlflow.db, as an absolute location, so runs from
+        # DVC's temporary experiment copies keep their artifacts after the copy is deleted.
+        location = (store_root() / "mlruns").as_uri() if _is_local_store(uri) else None
+        experiment = client.get_experiment(client.create_experiment(name, artifact_location=location))
+    for key, value in _EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def fail_abandoned_runs(client, experiment_id: str) -> None:
+    """Runs left RUNNING by a process that is gone (SIGKILL, power loss) on this host become
+    FAILED, each with one line saying so; other hosts' runs cannot be checked from here."""
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    )
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "FAILED")
+            print(
+                f"marked MLflow run {run.info.run_name} ({run.info.run_id}) FAILED: its process {pid} on {host} is gone"
+            )
 
 
 class TrackingError(PipelineError):
@@ -143,17 +246,31 @@ class Run:
         self.mlflow, self.run_id, self.uri = mlflow, run_id, uri
         self.registered_model = registered_model
         self.client = mlflow.MlflowClient()
+        self.epochs_logged: set[int] = set()
 
-    def log_training(self, history: list[dict], kept_epoch: int, history_json: bytes) -> None:
+    @staticmethod
+    def _curve(row: dict, timestamp_ms: int) -> list:
         from mlflow.entities import Metric
 
-        metrics = [
-            Metric(key, float(value), 0, row["epoch"])
-            for row in history
+        return [
+            Metric(CURVE_PREFIX + key, float(value), timestamp_ms, row["epoch"])
             for key, value in row.items()
             if key != "epoch" and value is not None
         ]
-        metrics.append(Metric("kept_epoch", float(kept_epoch), 0, 0))
+
+    def log_epoch(self, row: dict) -> None:
+        """One epoch's row of the history, as it ends: the UI's time axes show when it happened."""
+        with _one_line_errors(self.uri, "failed logging an epoch"), _store_lock(self.uri):
+            self.client.log_batch(self.run_id, metrics=self._curve(row, int(time.time() * 1000)))
+        self.epochs_logged.add(row["epoch"])
+
+    def log_training(self, history: list[dict], kept_epoch: int, history_json: bytes) -> None:
+        """The epochs not logged as they ended (steps 1..N, timestamped now), the kept epoch, the history."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [m for row in history if row["epoch"] not in self.epochs_logged for m in self._curve(row, now)]
+        metrics.append(Metric("kept_epoch", float(kept_epoch), now, 0))
         with _one_line_errors(self.uri, "failed logging the training"), _store_lock(self.uri):
             self.client.log_batch(self.run_id, metrics=metrics)
             self.log_files({"history.json": history_json})
@@ -199,22 +316,46 @@ class Run:
 
     def log_evaluation(self, metrics: dict, settings: dict, artifacts: dict[str, bytes]) -> None:
         """Evaluation settings go in as tags, not params: a training run may be evaluated again
-        with other settings (`-S evaluate.batch_size=...`), and MLflow params cannot change."""
-        from mlflow.entities import RunTag
+        with other settings (`-S evaluate.batch_size=...`), and MLflow params cannot change.
 
+        The metrics also go on the run's logged model (its Models tab and registered versions show
+        them) and, as tags, on its registered version."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
         with _one_line_errors(self.uri, "failed logging the evaluation"), _store_lock(self.uri):
+            model_id = self._logged_model_id()
             self.client.log_batch(
                 self.run_id,
-                metrics=[self._metric(k, v) for k, v in metrics.items()],
+                metrics=[Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items()],
                 tags=[RunTag(k, str(v)) for k, v in settings.items()],
             )
             self.log_files(artifacts, "evaluation")
+            version = self.registered_version()
+            for key, value in metrics.items():
+                if version is not None:
+                    self.client.set_model_version_tag(version.name, version.version, key, f"{value:.4f}")
 
-    @staticmethod
-    def _metric(key, value):
-        from mlflow.entities import Metric
+    def _logged_model_id(self) -> str | None:
+        run = self.client.get_run(self.run_id)
+        found = self.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}'", max_results=1
+        )
+        return found[0].model_id if found else None
 
-        return Metric(key, float(value), 0, 0)
+    def registered_version(self):
+        """The newest registered version of this run's model, or None (a model trained elsewhere)."""
+        versions = self.client.search_model_versions(f"run_id = '{self.run_id}'")
+        return max(versions, key=lambda v: int(v.version), default=None)
+
+    def update_champion(self, test_acc: float) -> str:
+        """Move the `champion` alias to this run's version if it beats the champion's test accuracy;
+        returns the one line that says what happened."""
+        with _one_line_errors(self.uri, "failed updating the champion"), _store_lock(self.uri):
+            version = self.registered_version()
+            if version is None:
+                return "champion: unchanged (this run has no registered model version)"
+            return consider_champion(self.client, version, test_acc)
 
 
 def mlflow_param(key: str, value):
@@ -243,6 +384,41 @@ def _ending(run: Run):
             print(redacted(f"warning: could not mark MLflow run {run.run_id} {status}: {e}"), file=sys.stderr)
 
 
+def champion_accuracy(client, version) -> float | None:
+    """A version's test accuracy: its run's metric (exact), else its tag (4 digits, for versions
+    whose run is gone); None when never evaluated."""
+    accuracy = client.get_run(version.run_id).data.metrics.get("test_acc") if version.run_id else None
+    if accuracy is None and "test_acc" in version.tags:
+        accuracy = float(version.tags["test_acc"])
+    return accuracy
+
+
+def consider_champion(client, version, test_acc: float) -> str:
+    """The compare-and-move step of the champion rule, for a version whose test accuracy is known."""
+    name = version.name
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # no champion yet; MLflow says so with an exception
+        current = None
+    if current is None:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        return f"champion: {name} version {version.version} (test_acc {test_acc:.4f}) is the first champion"
+    if str(current.version) == str(version.version):  # MLflow returns it as int or str, by call
+        return f"champion: {name} version {version.version} (test_acc {test_acc:.4f}) stays champion"
+    best = champion_accuracy(client, current)
+    if best is not None and test_acc <= best:
+        return (
+            f"champion: {name} version {version.version} (test_acc {test_acc:.4f}) does not beat "
+            f"version {current.version} ({best:.4f}); champion stays version {current.version}"
+        )
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    was = f"{best:.4f}" if best is not None else "never evaluated"
+    return (
+        f"champion: {name} version {version.version} (test_acc {test_acc:.4f}) beats "
+        f"version {current.version} ({was}); champion moved to version {version.version}"
+    )
+
+
 @contextlib.contextmanager
 def training_run(params: Params, data_sha256: str):
     """Start the run before training, so a bad store fails the stage within seconds."""
@@ -252,11 +428,9 @@ def training_run(params: Params, data_sha256: str):
         mlflow.set_tracking_uri(uri)
         experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
         client = mlflow.MlflowClient()
-        info = client.create_run(
-            experiment_id,
-            run_name=os.environ.get("DVC_EXP_NAME") or None,
-            tags=source_tags(data_sha256),
-        ).info
+        fail_abandoned_runs(client, experiment_id)
+        tags = source_tags(data_sha256, "stages/train.py")
+        info = client.create_run(experiment_id, run_name=run_name(params, tags), tags=tags).info
         train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
         client.log_batch(info.run_id, params=[mlflow_param(k, v) for k, v in train_keys.items()])
     run = Run(mlflow, info.run_id, uri, params.tracking.registered_model)
@@ -277,14 +451,15 @@ def evaluation_run(params: Params, model_md5: str):
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient()
         experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
+        fail_abandoned_runs(client, experiment_id)
         found = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{MODEL_MD5_TAG}` = '{model_md5}'",
+            filter_string=f"tags.`{MODEL_MD5_TAG}` = '{model_md5}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
         if not found:
-            tags = {MODEL_MD5_TAG: model_md5}
+            tags = {MODEL_MD5_TAG: model_md5, **source_tags("", "stages/evaluate.py")}
             new_run = client.create_run(experiment_id, run_name=f"evaluation-{model_md5[:8]}", tags=tags).info
     if found:
         yield Run(mlflow, found[0].info.run_id, uri)

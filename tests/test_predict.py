@@ -1,11 +1,15 @@
 import json
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from stages.predict import ImageError, load_image, top_k
-from tests.helpers import DVC, run, synthetic_split
+from stages.predict import MAX_PIXELS, ImageError, load_image, top_k
+from tests.helpers import DVC, ROOT, run, synthetic_split
 
 
 def photo(item: np.ndarray, size: int = 112) -> Image.Image:
@@ -46,6 +50,40 @@ def test_bad_images_get_one_clear_error(tmp_path, make, message):
         load_image(path)
 
 
+def with_declared_size(png: bytes, width: int, height: int) -> bytes:
+    """The PNG with its header claiming another size: what a decompression bomb looks like before decoding."""
+    ihdr = struct.pack(">II", width, height) + png[24:29]
+    return png[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+
+
+@pytest.mark.parametrize("side", [20_000, 13_000])  # PIL's own bomb check fires at 20000x20000, not at 13000x13000
+def test_images_over_the_pixel_cap_are_refused_before_decoding(tmp_path, side):
+    small = tmp_path / "small.png"
+    Image.new("P", (8, 8)).save(small)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(with_declared_size(small.read_bytes(), side, side))
+    with pytest.raises(ImageError, match=f"bomb.png: .*over the limit of {MAX_PIXELS:,} pixels"):
+        load_image(bomb)
+
+
+def test_an_image_just_under_the_cap_loads_in_bounded_memory(tmp_path):
+    side = int(MAX_PIXELS**0.5)
+    path = tmp_path / "large.png"
+    image = Image.new("P", (side, side), 0)
+    image.putpalette([0, 0, 0, 40, 40, 40])
+    image.paste(1, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+    image.save(path, compress_level=1, transparency=0)  # palette and transparency: the costliest conversion
+    measure = (
+        "import resource, sys; from pathlib import Path; from stages.predict import load_image; "
+        f"image = load_image(Path({str(path)!r})); "
+        "print(image[14, 14], image[0, 0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", measure], cwd=ROOT, capture_output=True, text=True, check=True)
+    centre, corner, peak_mib = map(int, out.stdout.split())
+    assert centre > 150 and corner == 0  # the dark item on a transparent background, as Fashion-MNIST draws it
+    assert peak_mib < 1024, f"peak {peak_mib} MiB for {side}x{side} pixels"
+
+
 def test_top_k_orders_by_probability():
     probabilities = np.array([0.1, 0.6, 0, 0, 0, 0, 0, 0, 0.3, 0])
     assert top_k(probabilities, 2) == [("Trouser", 0.6), ("Bag", 0.3)]
@@ -63,3 +101,19 @@ def test_cli_agrees_with_the_pipeline_and_with_mlflow(tiny_project):
     assert [line.split(": ", 1)[1].rsplit(" ", 1)[0] for line in ours][0].startswith(confusion[0]["predicted"])
     proc = run([*cli, "missing.png"], tiny_project, check=False)
     assert proc.returncode == 1 and proc.stderr.strip() == "error: missing.png: no such file"
+
+
+@pytest.mark.slow
+def test_unknown_model_versions_and_aliases_get_one_line(tmp_path):
+    from tests.helpers import client_for
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client_for(uri).create_registered_model("fashion-mnist-softmax")
+    item = tmp_path / "item.png"
+    photo(synthetic_split(1, 0)[0][0]).save(item)
+    for asked, shown in (("999", "/999"), ("abc", "@abc")):
+        predict = ["python", "-m", "stages.predict", "--mlflow", asked, str(item)]
+        proc = run(predict, ROOT, check=False, MLFLOW_TRACKING_URI=uri)
+        assert proc.returncode == 1
+        expected = f"error: models:/fashion-mnist-softmax{shown}: no such version or alias; no versions; no aliases"
+        assert proc.stderr.strip() == expected

@@ -1,0 +1,83 @@
+"""Make a run's registered model the champion by hand: to promote it, or to roll back to it.
+
+fmnist-promote tuned                              # a DVC experiment, by its name
+fmnist-promote 3f2a9c0e5b7d4e1f8a6b2c9d0e3f4a5b   # an MLflow run, by its id
+
+The alias `champion` on the registered model moves to the newest version that run registered;
+`fmnist-predict --mlflow`, `make serve` and the README's snippet use that alias. The pipeline
+itself moves the alias only when a new version's test accuracy beats the champion's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from stages import PipelineError, run_stage
+from stages.config import load_params
+
+
+class PromoteError(PipelineError):
+    """A run or experiment that cannot be made champion; the message says which and why."""
+
+
+def find_run(client, experiment_id: str, target: str):
+    """The run with this id, else the newest finished run of the DVC experiment with this name."""
+    try:
+        run = client.get_run(target)
+        if run.info.experiment_id == experiment_id:
+            return run
+    except Exception:  # not a run id: MLflow says so with an exception
+        pass
+    for key in ("tags.`dvc.exp_name`", "attributes.run_name"):
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"{key} = '{target.replace(chr(39), '')}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found:
+            return found[0]
+    return None
+
+
+def promote(target: str) -> str:
+    from stages.tracking import CHAMPION, _one_line_errors, import_mlflow, redacted, tracking_uri
+
+    params = load_params()
+    uri = tracking_uri()
+    mlflow = import_mlflow()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    name = params.tracking.registered_model
+    with _one_line_errors(uri, "is not usable"):
+        experiment = client.get_experiment_by_name(params.tracking.experiment)
+        run = find_run(client, experiment.experiment_id, target) if experiment else None
+        if run is None:
+            raise PromoteError(redacted(f"{target!r}: neither an MLflow run id nor a DVC experiment name in {uri}"))
+        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        if not versions:
+            raise PromoteError(f"{target!r}: run {run.info.run_id} registered no version of {name}")
+        version = max(versions, key=lambda v: int(v.version))
+        try:
+            before = client.get_model_version_by_alias(name, CHAMPION).version
+        except Exception:  # no champion yet
+            before = None
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    accuracy = version.tags.get("test_acc", "not evaluated")
+    was = f"was version {before}" if before else "there was none"
+    return f"champion: {name} version {version.version} (run {run.info.run_name}, test_acc {accuracy}); {was}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target", help="a DVC experiment name or an MLflow run id")
+    args = parser.parse_args(argv)
+    print(promote(args.target))
+
+
+def cli() -> None:
+    run_stage(main)
+
+
+if __name__ == "__main__":
+    cli()
