@@ -178,9 +178,6 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     return parse_params(raw)
 
 
-load_or_exit = load_params  # TEMPORARY: train/evaluate/download/predict still import this name; remove with them
-
-
 def as_flat_dict(params: Params) -> dict:
     """Params as MLflow wants them: top-level hyperparameters plus dotted section keys."""
     sections = {f"{s}.{key}": value for s in SECTIONS for key, value in getattr(params, s).model_dump().items()}

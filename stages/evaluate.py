@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from stages import PipelineError, check_interrupt, determinism, files, run_stage
+from stages import PipelineError, check_interrupt, determinism, files, run_stage, tracking
 from stages.config import as_flat_dict, load_params
 from stages.data import CLASSES, load_split
 
@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from stages import tracking
     from stages.model import load_checkpoint
 
     determinism.threads(params.train.determinism)

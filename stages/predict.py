@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
             truth.append(CLASSES[test_labels[i]])
     batch = np.stack(images)
     if args.mlflow:
-        from stages.config import load_or_exit
+        from stages.config import load_params
 
-        probabilities = probabilities_from_mlflow(load_or_exit().tracking.registered_model, args.mlflow, batch)
+        probabilities = probabilities_from_mlflow(load_params().tracking.registered_model, args.mlflow, batch)
     else:
         from stages.model import CheckpointError
 

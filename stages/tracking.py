@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,20 @@ def _store_lock(uri: str):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _check_local_store(uri: str) -> None:
+    """Open a local store with sqlite3 first: MLflow retries one it cannot open for ~100 s."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not _is_local_store(uri) or not path.exists():
+        return  # MLflow creates a missing store
+    try:
+        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=1)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        if "locked" not in str(e):  # a busy store is MLflow's to report, and it does so at once
+            reason = f"(sqlite3.{type(e).__name__}) {e}"
+            raise TrackingError(redacted(f"MLflow tracking store {uri} is not usable: {reason}")) from None
 
 
 def import_mlflow():
@@ -423,6 +438,7 @@ def consider_champion(client, version, test_acc: float) -> str:
 def training_run(params: Params, data_sha256: str):
     """Start the run before training, so a bad store fails the stage within seconds."""
     uri = tracking_uri()
+    _check_local_store(uri)
     mlflow = import_mlflow()
     with _one_line_errors(uri, "is not usable"), _store_lock(uri):
         mlflow.set_tracking_uri(uri)
@@ -446,6 +462,7 @@ def evaluation_run(params: Params, model_md5: str):
     A model trained elsewhere (pulled from a DVC remote, its run in another store) gets a run of
     its own here, holding the evaluation only."""
     uri = tracking_uri()
+    _check_local_store(uri)
     mlflow = import_mlflow()
     with _one_line_errors(uri, "is not usable"), _store_lock(uri):
         mlflow.set_tracking_uri(uri)

@@ -13,8 +13,11 @@ import math
 import os
 from pathlib import Path
 
-from stages import PipelineError, check_interrupt, determinism, files, run_stage
+from tqdm import tqdm
+
+from stages import PipelineError, check_interrupt, determinism, files, run_stage, tracking
 from stages.config import ConfigError, TrainConfig, load_params
+from stages.data import load_split, verify_dir
 
 
 class DivergedError(PipelineError):
@@ -81,13 +84,15 @@ def train_epoch(model, loss_fn, optimizer, inputs, labels, batch_size: int, gene
     return loss_sum / len(labels), correct / len(labels)
 
 
-def fit(model, train_set, eval_set, cfg: TrainConfig, eval_name: str = "test_acc", progress: bool = True):
+def fit(
+    model, train_set, eval_set, cfg: TrainConfig, eval_name: str = "test_acc", progress: bool = True, on_epoch=None
+):
     """Train for cfg.num_epochs (or until `patience` epochs pass without a better eval accuracy).
+    `on_epoch(row)` sees each epoch's history row as it ends (MLflow logs it with its real time).
 
     Returns the per-epoch history and the epoch whose weights the model holds at the end."""
     import torch
     from torch import nn
-    from tqdm import tqdm
 
     loss_fn = nn.CrossEntropyLoss(reduction="none")  # on logits: the LogSumExp-stable path
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -101,6 +106,8 @@ def fit(model, train_set, eval_set, cfg: TrainConfig, eval_name: str = "test_acc
         # Both columns in every row, the unmeasured one null, so `dvc plots` draws either kind of run.
         history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "test_acc": None, "val_acc": None})
         history[-1][eval_name] = eval_acc
+        if on_epoch is not None:
+            on_epoch(history[-1])
         bar.set_postfix(loss=f"{loss:.4f}", train_acc=f"{acc:.3f}", **{eval_name: f"{eval_acc:.3f}"})
         bar.write(f"epoch {epoch:3d}  train_loss {loss:.4f}  train_acc {acc:.4f}  {eval_name} {eval_acc:.4f}")
         if cfg.patience:
@@ -129,8 +136,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from stages import tracking
-    from stages.data import load_split, verify_dir
     from stages.model import build_model, checkpoint_bytes, resolve_device, to_inputs
 
     determinism.threads(cfg.determinism)
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.init_std).to(device)
     with tracking.training_run(params, data_sha256=data_sha256) as run, files.Outputs() as out:
-        history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name)
+        history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name, on_epoch=run.log_epoch)
         checkpoint = checkpoint_bytes(model, cfg.model_dump(), kept_epoch=kept_epoch)
         model_md5 = hashlib.md5(checkpoint).hexdigest()
         history_json = (json.dumps(history, indent=2) + "\n").encode()
