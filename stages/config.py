@@ -1,217 +1,197 @@
 """params.yaml -> typed, validated config. Validation happens once, here, before any heavy import."""
 
-from __future__ import annotations
-
-import dataclasses
-import math
+import difflib
+import json
 import re
-import sys
-from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Literal, get_args, get_origin
 from urllib.parse import urlparse
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from stages import PipelineError
+from stages import PipelineError, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"  # the project's own, wherever the stage is started from
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
-_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+SEED_MAX = 2**64 - 1  # torch.manual_seed overflows above this
+NAME_MAX = 256  # experiment and registered model names: String(256) columns in MLflow's SQL stores
+PARAM_MAX = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH; lists are logged as JSON
 
 
 class ConfigError(PipelineError):
     """A bad value in params.yaml; the message names the key, the value and what is allowed."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+def _mirror_url(url: str) -> str:
+    u = urlparse(url)
+    if u.username or u.password:  # params are logged to MLflow and committed to git; checked first: never echo them
+        raise ValueError(f"{u.hostname}: credentials do not belong in params.yaml")
+    if not (u.scheme == "https" or (u.scheme == "http" and u.hostname in LOOPBACK_HOSTS)) or not u.hostname:
+        raise ValueError(f"{url!r} is not allowed; expected an https:// URL (plain http:// only on localhost)")
+    return url
+
+
+# PyYAML reads `1e-3` (no dot) as a string; people write it meaning 0.001.
+_DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+Number = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, str) and _DECIMAL.fullmatch(v) else v)]
+Text = Annotated[str, Field(min_length=1)]
+Name = Annotated[str, Field(max_length=NAME_MAX)]
+
+
+class _Section(BaseModel):
+    # strict: a bool is not a number, 256.5 is not an integer, "abc" is not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+
+
+class TrainConfig(_Section):
     """The hyperparameters: flat top-level keys so `dvc exp run -S lr=0.05` works as written."""
 
-    seed: int = field(metadata={"min": 0})
-    batch_size: int = field(metadata={"min": 1})
-    num_epochs: int = field(metadata={"min": 1})
-    lr: float = field(metadata={"gt": 0})
-    init_std: float = field(metadata={"min": 0})
-    weight_decay: float = field(metadata={"min": 0})
-    momentum: float = field(metadata={"min": 0, "lt": 1})
-    val_size: int = field(metadata={"min": 0})
-    val_seed: int = field(metadata={"min": 0})
-    patience: int = field(metadata={"min": 0})
-    device: str = field(metadata={"pattern": r"auto|cpu|cuda(:\d+)?"})
-    determinism: str = field(metadata={"pattern": r"portable|fast"})
+    seed: int = Field(ge=0, le=SEED_MAX)
+    batch_size: int = Field(ge=1)
+    num_epochs: int = Field(ge=1)
+    lr: Number = Field(gt=0)
+    init_std: Number = Field(ge=0)
+    weight_decay: Number = Field(ge=0)
+    momentum: Number = Field(ge=0, lt=1)
+    val_size: int = Field(ge=0)
+    val_seed: int = Field(ge=0, le=SEED_MAX)
+    patience: int = Field(ge=0)
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    determinism: Literal["portable", "fast"]
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    local_dirs: list[str]
-    mirrors: list[str]
-    timeout_s: float = field(metadata={"gt": 0})
-    deadline_s: float = field(metadata={"gt": 0})
-    retries: int = field(metadata={"min": 0})
+class DataConfig(_Section):
+    local_dirs: list[Text] = Field(description="a list of directories")
+    mirrors: list[Annotated[Text, AfterValidator(_mirror_url)]] = Field(description="a list of https:// URLs")
+    # A day at most: a socket timeout past ~1e9 s overflows (a traceback, once a mirror is tried).
+    timeout_s: Number = Field(gt=0, le=86400)  # one network read
+    deadline_s: Number = Field(gt=0, le=86400)  # one whole file, retries included
+    retries: int = Field(ge=0)
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    batch_size: int = field(metadata={"min": 1})
-    misclassified_grid: int = field(metadata={"min": 0, "max": 100})
+class EvaluateConfig(_Section):
+    batch_size: int = Field(ge=1)
+    misclassified_grid: int = Field(ge=0, le=100)
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
-    experiment: str = field(metadata={"pattern": r"\S.*"})
-    registered_model: str = field(metadata={"pattern": r"[A-Za-z0-9_.-]+"})
+class TrackingConfig(_Section):
+    # MLflow's SQL stores keep names in String(256) columns; a model name must be a plain path segment.
+    experiment: Name = Field(pattern=r"^\S", description=f"up to {NAME_MAX} characters, no leading space")
+    registered_model: Name = Field(
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", description=f"up to {NAME_MAX} of A-Za-z0-9_.-, no leading ."
+    )
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(_Section):
     train: TrainConfig
     data: DataConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
 
-
-SECTIONS = {"data": DataConfig, "evaluate": EvaluateConfig, "tracking": TrackingConfig}
-
-
-def _describe(meta: dict, kind: str) -> str:
-    parts = []
-    if "gt" in meta:
-        parts.append(f"> {meta['gt']}")
-    if "min" in meta:
-        parts.append(f">= {meta['min']}")
-    if "lt" in meta:
-        parts.append(f"< {meta['lt']}")
-    if "max" in meta:
-        parts.append(f"<= {meta['max']}")
-    if "pattern" in meta:
-        return f"a string matching {meta['pattern']}"
-    return f"{kind} {' and '.join(parts)}".strip()
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.train.patience and not self.train.val_size:
+            raise ValueError(f"patience: {self.train.patience} needs a validation split; set val_size > 0")
+        for key, value in as_flat_dict(self).items():
+            logged = json.dumps(value) if isinstance(value, list) else str(value)  # as tracking.py logs it
+            if len(logged) > PARAM_MAX:
+                raise ValueError(f"{key}: {len(logged)} characters, more than MLflow keeps for a param ({PARAM_MAX})")
+        return self
 
 
-_KINDS = {"int": (int, "an integer"), "float": (float, "a number"), "str": (str, "a string")}
-_KINDS["list[str]"] = (list, "a list of strings")
+SECTIONS = ("data", "evaluate", "tracking")
 
 
-def _coerce(key: str, raw, f: dataclasses.Field):
-    typ, kind = _KINDS[f.type]
-    meta = f.metadata
-    error = ConfigError(f"params.yaml: {key}: {raw!r} is not allowed; expected {_describe(meta, kind)}")
-    value = raw
-    if typ is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        value = float(value)  # PyYAML reads `1e-3` (no dot) as a string; people write it meaning 0.001
-    if isinstance(value, bool):
-        raise error
-    if typ is float:
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise error
-        value = float(value)
-    elif typ is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise error
-        return list(value)
-    elif not isinstance(value, typ):
-        raise error
-    if typ is str:
-        if not re.fullmatch(meta.get("pattern", ".*"), value):
-            raise error
-        return value
-    too_small = ("min" in meta and value < meta["min"]) or ("gt" in meta and not value > meta["gt"])
-    too_big = ("max" in meta and value > meta["max"]) or ("lt" in meta and not value < meta["lt"])
-    if too_small or too_big:
-        raise error
-    return value
+def _expected(field) -> str:
+    """What a field allows, in words: 'an integer >= 1', 'a number >= 0 and < 1', 'one of ...'."""
+    if field.description or get_origin(field.annotation) is Literal:
+        return field.description or "one of " + ", ".join(map(repr, get_args(field.annotation)))
+    symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [f"{symbols[a]} {getattr(m, a)}" for m in field.metadata for a in symbols if hasattr(m, a)]
+    return f"{'an integer' if field.annotation is int else 'a number'} {' and '.join(bounds)}"
 
 
-def _build(cls, raw: dict, prefix: str = ""):
-    names = {f.name for f in fields(cls)}
-    for key in raw:
-        if key not in names:
-            hint = f" (did you mean {_closest(key, names)!r}?)" if _closest(key, names) else ""
-            raise ConfigError(f"params.yaml: unknown key {prefix}{key!r}{hint}; allowed: {', '.join(sorted(names))}")
-    values = {}
-    for f in fields(cls):
-        if f.name not in raw:
-            raise ConfigError(f"params.yaml: missing key {prefix}{f.name!r}")
-        values[f.name] = _coerce(prefix + f.name, raw[f.name], f)
-    return cls(**values)
-
-
-def _closest(key: str, names: set[str]) -> str | None:
-    import difflib
-
-    match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-    return match[0] if match else None
+def _message(error: dict, raw: dict) -> str:
+    """One pydantic error -> the one line a user reads: the key, the value, what is allowed."""
+    section, name = (*error["loc"], None, None)[:2]  # ("data", "timeout_s"), ("train",), or () for Params
+    key = ".".join(str(part) for part in (section, name) if part not in ("train", None))
+    fields = Params.model_fields[section].annotation.model_fields if section else {}
+    if error["type"] == "missing":
+        return f"missing key {key!r}" if name else f"missing section {key!r}"
+    if error["type"] == "model_type":
+        return f"{key}: expected a mapping, got {error['input']!r}"
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(name), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(fields))}"
+    if error["type"] == "value_error":  # our validators' own words
+        return ": ".join(filter(None, [key, str(error["ctx"]["error"])]))
+    if name not in fields:
+        return f"{key}: {error['msg']}"
+    value = repr(raw[name] if section == "train" else raw[section][name])
+    value = value if len(value) <= 80 else f"{value[:60]}... ({len(value)} characters)"
+    return f"{key}: {value} is not allowed; expected {_expected(fields[name])}"
 
 
 def parse_params(raw) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml: expected a mapping of keys to values at the top level")
-    top = {k: v for k, v in raw.items() if k not in SECTIONS}
-    sections = {}
-    for name, cls in SECTIONS.items():
-        if name not in raw:
-            raise ConfigError(f"params.yaml: missing section {name!r}")
-        if not isinstance(raw[name], dict):
-            raise ConfigError(f"params.yaml: {name}: expected a mapping, got {raw[name]!r}")
-        sections[name] = _build(cls, raw[name], prefix=f"{name}.")
-    params = Params(train=_build(TrainConfig, top), **sections)
-    _check_relations(params)
-    return params
+    sections = {name: raw[name] for name in SECTIONS if name in raw}
+    try:
+        return Params.model_validate({"train": {k: v for k, v in raw.items() if k not in SECTIONS}, **sections})
+    except ValidationError as e:
+        # An unknown key first: with `lrr` for `lr`, the typo is the news, not the missing `lr`.
+        first = min(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise ConfigError(f"params.yaml: {_message(first, raw)}") from None
 
 
-def _check_relations(p: Params) -> None:
-    if p.train.patience and not p.train.val_size:
-        raise ConfigError(f"params.yaml: patience: {p.train.patience} needs a validation split; set val_size > 0")
-    for url in p.data.mirrors:
-        u = urlparse(url)
-        plain_http_ok = u.scheme == "http" and u.hostname in LOOPBACK_HOSTS
-        if not (u.scheme == "https" or plain_http_ok) or not u.hostname:
-            raise ConfigError(
-                f"params.yaml: data.mirrors: {url!r} is not allowed; "
-                "expected an https:// URL (plain http:// only on localhost)"
-            )
-        if u.username or u.password:  # params are logged to MLflow and committed to git
-            raise ConfigError(f"params.yaml: data.mirrors: {u.hostname}: credentials do not belong in params.yaml")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; DVC's parser refuses them, and so do we."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in lines:
+                    problem = f"duplicate key {key!r} (first on line {lines[key]})"
+                    raise yaml.MarkedYAMLError(problem=problem, problem_mark=key_node.start_mark)
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
+    path = Path(path)
     try:
-        text = Path(path).read_text()
+        raw = yaml.load(path.read_bytes().decode(), Loader=_UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path.name}: byte offset {e.start}: not UTF-8 text ({e.object[e.start]:#04x})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{Path(path).name}:{where}: malformed YAML: {problem}") from None
+        raise ConfigError(f"{path.name}:{where} malformed YAML: {problem}") from None
     return parse_params(raw)
 
 
-def load_or_exit(path: Path = PARAMS_FILE) -> Params:
-    """The edge every stage calls first: a bad params.yaml ends the stage with one line."""
-    try:
-        return load_params(path)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+load_or_exit = load_params  # TEMPORARY: train/evaluate/download/predict still import this name; remove with them
 
 
 def as_flat_dict(params: Params) -> dict:
     """Params as MLflow wants them: top-level hyperparameters plus dotted section keys."""
-    flat = dataclasses.asdict(params.train)
-    for name in SECTIONS:
-        for key, value in dataclasses.asdict(getattr(params, name)).items():
-            flat[f"{name}.{key}"] = value
-    return flat
+    sections = {f"{s}.{key}": value for s in SECTIONS for key, value in getattr(params, s).model_dump().items()}
+    return params.train.model_dump() | sections
 
 
 def main() -> None:
     """`python -m stages.config`: check params.yaml without running anything."""
-    load_or_exit()
+    load_params()
     print("params.yaml: ok")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

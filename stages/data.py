@@ -2,12 +2,16 @@
 
 The data stays in its original IDX format, decompressed, so verification is one SHA-256 per file
 (the same whatever gzip produced it) and loading is a memory copy with numpy: no torchvision.
+A download is bounded in time (data.deadline_s per file and source) and in size (the size its IDX
+header announces), and is staged beside the output directory, never inside it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import itertools
+import math
+import shutil
 import sys
 import tempfile
 import time
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import files
+from stages import PipelineError, check_interrupt, files
 
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -28,20 +32,26 @@ CLASSES = (
 SPLITS = {"train": "train", "test": "t10k"}
 FILES = tuple(f"{prefix}-{kind}" for prefix in SPLITS.values() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
 CHECKSUMS = Path(__file__).with_name("fashion-mnist.sha256")
+PINNED = f"stages/{CHECKSUMS.name}"  # as the user finds it in the project
 IMAGE_SHAPE = (28, 28)
 _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes; 3 or 1 dimensions
+# Twice the real counts (60000 and 10000): room for a bigger variant of the data set, none for a
+# header that announces gigabytes. The header is checked before a byte of the file is written.
+_MAX_COUNT = {"train": 120_000, "t10k": 20_000}
 _CHUNK = 1 << 20
 
 
-class DataError(Exception):
+class DataError(PipelineError):
     """A data file or source that cannot be used; the message names the file and the source."""
 
 
 def read_checksums(path: Path = CHECKSUMS) -> dict[str, str]:
     """The pinned SHA-256 of each decompressed file, in `sha256sum` format."""
     sums = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
+            if len(line.split()) != 2:
+                raise DataError(f"{path}: line {number}: expected '<sha256>  <file>'")
             digest, name = line.split()
             sums[name] = digest
     if set(sums) != set(FILES):
@@ -53,21 +63,37 @@ def _kind(name: str) -> str:
     return "images" if "images" in name else "labels"
 
 
-def check_idx_header(name: str, header: bytes, size: int) -> tuple[int, ...]:
-    """Validate an IDX header against the file's kind and size; return its dimensions."""
+def _header_size(name: str) -> int:
+    return 16 if _kind(name) == "images" else 8  # magic + 3 or 1 dimensions, 4 bytes each
+
+
+def idx_dims(name: str, header: bytes) -> tuple[int, ...]:
+    """Validate an IDX header (magic number, image shape, count) against the file's name; return its dimensions."""
     kind = _kind(name)
-    ndim = 3 if kind == "images" else 1
-    if len(header) < 4 + 4 * ndim:
-        raise DataError(f"{name}: truncated: {size} bytes is too short for an IDX header")
+    if len(header) < _header_size(name):
+        raise DataError(f"{name}: truncated: {len(header)} bytes is too short for an IDX header")
     magic = int.from_bytes(header[:4], "big")
     if magic != _IDX_MAGIC[kind]:
         raise DataError(f"{name}: wrong IDX magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[kind]:08x}")
-    dims = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(header[i : i + 4], "big") for i in range(4, _header_size(name), 4))
     if kind == "images" and dims[1:] != IMAGE_SHAPE:
         raise DataError(f"{name}: images are {dims[1]}x{dims[2]}, expected 28x28")
-    expected = 4 + 4 * ndim + int(np.prod(dims))
-    if size != expected:
-        raise DataError(f"{name}: {size} bytes, expected {expected} for dimensions {dims} (truncated or padded)")
+    limit = _MAX_COUNT[name.split("-")[0]]
+    if dims[0] > limit:
+        raise DataError(f"{name}: the IDX header announces {dims[0]} {kind}; at most {limit} are accepted")
+    return dims
+
+
+def idx_size(dims: tuple[int, ...]) -> int:
+    """The exact size of an IDX file of unsigned bytes with these dimensions."""
+    return 4 + 4 * len(dims) + math.prod(dims)
+
+
+def check_idx_header(name: str, header: bytes, size: int) -> tuple[int, ...]:
+    """Validate an IDX header against the file's kind and size; return its dimensions."""
+    dims = idx_dims(name, header)
+    if size != idx_size(dims):
+        raise DataError(f"{name}: {size} bytes, expected {idx_size(dims)} for dimensions {dims} (truncated or padded)")
     return dims
 
 
@@ -92,6 +118,18 @@ def sources_from(local_dirs: list[str], mirrors: list[str]) -> list[Source]:
     return [Source(d) for d in local_dirs] + [Source(m) for m in mirrors]
 
 
+def _too_slow(where: str, deadline: float, last: str = "") -> DataError:
+    return DataError(f"{where}: not complete within the {deadline:g} s deadline (data.deadline_s)" + last)
+
+
+def _pause(seconds: float) -> None:
+    """Sleep, but notice Ctrl-C/SIGTERM within a tenth of a second (the handlers only record them)."""
+    wake = time.monotonic() + seconds
+    while (left := wake - time.monotonic()) > 0:
+        check_interrupt()
+        time.sleep(min(left, 0.1))
+
+
 def _open_local(directory: Path, name: str):
     if not directory.is_dir():
         raise DataError(f"{directory}: no such directory")
@@ -101,13 +139,21 @@ def _open_local(directory: Path, name: str):
     raise DataError(f"{name}: not found in {directory} (looked for {name}.gz and {name})")
 
 
-def _open_url(url: str, timeout: float, retries: int):
+def _open_url(url: str, timeout: float, retries: int, ends: float, deadline: float):
     last = ""
     for attempt in range(retries + 1):
         if attempt:
-            time.sleep(min(0.5 * 2**attempt, 4))
+            pause = min(0.5 * 2**attempt, 4)
+            if time.monotonic() + pause >= ends:  # no time for another try: say so now, not at the deadline
+                raise _too_slow(url, deadline, f"; last attempt: {last}")
+            _pause(pause)
+        left = ends - time.monotonic()
+        if left <= 0:
+            raise _too_slow(url, deadline, f"; last attempt: {last}" if last else "")
         try:
-            response = urllib.request.urlopen(url, timeout=timeout)
+            # Every later read of the response waits at most this long, so a read that hangs
+            # overruns the deadline by one timeout at most.
+            response = urllib.request.urlopen(url, timeout=min(timeout, left))
         except urllib.error.HTTPError as e:
             last = f"HTTP {e.code} {e.reason}"
             if e.code < 500:  # a missing file does not appear on retry
@@ -122,76 +168,136 @@ def _open_url(url: str, timeout: float, retries: int):
     raise DataError(f"{url}: {last}")
 
 
-def _stream_into(stream, out, where: str) -> str:
-    """Copy `stream` into `out`, gunzipping if it is gzip; return the SHA-256 of what was written."""
-    digest = hashlib.sha256()
-    first = stream.read(_CHUNK)
-    inflate = zlib.decompressobj(wbits=31) if first[:2] == b"\x1f\x8b" else None
-    chunk = first
-    while chunk:
-        data = inflate.decompress(chunk) if inflate else chunk
-        digest.update(data)
-        out.write(data)
-        chunk = stream.read(_CHUNK)
-    if inflate:
-        if not inflate.eof:
-            raise DataError(f"{where}: gzip stream ends early (truncated)")
-        tail = inflate.flush()
-        digest.update(tail)
-        out.write(tail)
+def _chunks(stream, where: str, ends: float, deadline: float):
+    """What `stream` gives, a read at a time, stopping at Ctrl-C/SIGTERM and at the file's deadline."""
+    while True:
+        check_interrupt()
+        if time.monotonic() > ends:
+            raise _too_slow(where, deadline)
+        chunk = stream.read1(_CHUNK)  # whatever has arrived: a slow mirror cannot hold one call for long
+        if not chunk:
+            return
+        yield chunk
+
+
+def _gunzipped(chunks, where: str):
+    """The file's own bytes: `chunks` gunzipped if they are gzip, at most _CHUNK at a time, so that
+    a small download that inflates to gigabytes never does so in memory."""
+    first = b""
+    for chunk in chunks:
+        first += chunk
+        if len(first) >= 2:
+            break
+    if first[:2] != b"\x1f\x8b":
+        yield first
+        yield from chunks
+        return
+    inflate = zlib.decompressobj(wbits=31)
+    data = first
+    while not inflate.eof:
+        piece = inflate.decompress(data, _CHUNK)
+        yield piece
+        data = inflate.unconsumed_tail
+        if not data and not piece:  # zlib holds no more output: it needs more input
+            data = next(chunks, b"")
+            if not data:
+                raise DataError(f"{where}: gzip stream ends early (truncated)")
+
+
+def _write_idx(name: str, pieces, out) -> str:
+    """Write the file's bytes to `out`, checked against its IDX header as they arrive: a bad header is
+    refused before anything is written, and the file never grows past the size the header announces.
+    Return the SHA-256 of what was written."""
+    head = b""
+    for piece in pieces:
+        head += piece
+        if len(head) >= _header_size(name):
+            break
+    dims = idx_dims(name, head)
+    size = idx_size(dims)
+    digest, written = hashlib.sha256(), 0
+    for piece in itertools.chain([head], pieces):
+        if written + len(piece) > size:
+            raise DataError(f"{name}: more than the {size} bytes its IDX header announces (padded, or a gzip bomb)")
+        digest.update(piece)
+        out.write(piece)
+        written += len(piece)
+    if written != size:
+        raise DataError(f"{name}: {written} bytes, expected {size} for dimensions {dims} (truncated or padded)")
     return digest.hexdigest()
 
 
-def fetch_file(name: str, expected_sha256: str, source: Source, dest_dir: Path, timeout: float, retries: int) -> None:
-    """Fetch one file from one source into `dest_dir`, verified; never leaves a partial file behind."""
+def fetch_file(
+    name: str, expected_sha256: str, source: Source, directory: Path, timeout: float, retries: int, deadline: float
+) -> None:
+    """Fetch one file from one source into `directory`, verified, within `deadline` seconds (retries
+    included); on any failure, interrupts included, nothing of it is left there."""
     where = source.describe(name)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=dest_dir)
+    path = Path(directory) / name
+    ends = time.monotonic() + deadline
+    verified = False
     try:
-        with os.fdopen(fd, "wb") as out:
-            opened = _open_url(where, timeout, retries) if source.is_url else _open_local(Path(source.location), name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as out:
+            if source.is_url:
+                opened = _open_url(where, timeout, retries, ends, deadline)
+            else:
+                opened = _open_local(Path(source.location), name)
             try:
                 with opened as stream:
-                    actual = _stream_into(stream, out, where)
+                    actual = _write_idx(name, _gunzipped(_chunks(stream, where, ends, deadline), where), out)
             except (OSError, zlib.error, EOFError) as e:
                 raise DataError(f"{where}: read failed: {e}") from None
-        with open(tmp, "rb") as f:
-            check_idx_header(name, f.read(16), os.path.getsize(tmp))
         if actual != expected_sha256:
             raise DataError(f"{name} from {where}: SHA-256 {actual} does not match the expected {expected_sha256}")
-        files.publish(tmp, dest_dir / name)
+        verified = True
     except DataError as e:
         msg = str(e)
         raise DataError(msg if where in msg else f"{msg} (from {where})") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if not verified:
+            path.unlink(missing_ok=True)
 
 
 def fetch_all(
-    dest_dir: Path, sources: list[Source], checksums: dict[str, str], timeout: float, retries: int
+    dest_dir: Path, sources: list[Source], checksums: dict[str, str], timeout: float, retries: int, deadline: float
 ) -> dict[str, str]:
-    """Fetch every file from the first source that gives verified bytes; return file -> source."""
-    used = {}
-    for name in FILES:
-        tried = []
-        for source in sources:
-            try:
-                fetch_file(name, checksums[name], source, dest_dir, timeout, retries)
-            except DataError as e:
-                tried.append(str(e))
-                print(f"  skipped: {e}", file=sys.stderr)
-                continue
-            used[name] = source.describe(name)
-            print(f"  {name}: verified, from {used[name]}")
-            break
-        else:
-            raise DataError(
-                f"{name}: no source gave a verified copy; tried: " + "; ".join(tried or ["no sources configured"])
-            )
-    for split in SPLITS:
-        load_split(dest_dir, split)  # image and label counts must agree
-    return used
+    """Fetch every file from the first source that gives verified bytes, then move the four into
+    `dest_dir` together; return file -> source. On failure or interrupt `dest_dir` is left as it was."""
+    dest_dir = Path(dest_dir)
+    # Staged beside the output, not inside it: DVC tracks the output directory, and a stray file there
+    # makes `dvc checkout` refuse to run. The same filesystem keeps the final moves atomic.
+    try:
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".partial", dir=dest_dir.parent))
+    except OSError as e:
+        raise files.OutputError(f"{dest_dir.parent}: cannot write: {e.strerror or e}") from None
+    try:
+        used = {}
+        for name in FILES:
+            tried = []
+            for source in sources:
+                check_interrupt()
+                try:
+                    fetch_file(name, checksums[name], source, staging, timeout, retries, deadline)
+                except DataError as e:
+                    tried.append(str(e))
+                    print(f"  skipped: {e}", file=sys.stderr)
+                    continue
+                used[name] = source.describe(name)
+                print(f"  {name}: verified, from {used[name]}")
+                break
+            else:
+                raise DataError(
+                    f"{name}: no source gave a verified copy; tried: " + "; ".join(tried or ["no sources configured"])
+                )
+        check_interrupt()
+        dest_dir.mkdir(exist_ok=True)
+        for name in FILES:  # verified against the pinned hashes: image and label counts agree
+            files.publish(staging / name, dest_dir / name)
+        return used
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -221,9 +327,24 @@ def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def dataset_digest(data_dir: Path) -> str:
-    """One SHA-256 over the data files, for tagging runs with the exact data they saw."""
-    digest = hashlib.sha256()
+def verify_dir(data_dir: Path, checksums: dict[str, str] | None = None) -> str:
+    """Check each data file against its pinned SHA-256, so hand-edited data never reaches training;
+    return one SHA-256 over the four (the `data.sha256` tag that ties a run to its data)."""
+    checksums = read_checksums() if checksums is None else checksums
+    combined = hashlib.sha256()
     for name in FILES:
-        digest.update(hashlib.sha256((Path(data_dir) / name).read_bytes()).digest())
-    return digest.hexdigest()
+        path = Path(data_dir) / name
+        try:
+            with open(path, "rb") as f:
+                actual = hashlib.file_digest(f, "sha256").hexdigest()
+        except FileNotFoundError:
+            raise DataError(f"{path}: missing; run the download stage (dvc repro download)") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        if actual != checksums[name]:
+            raise DataError(
+                f"{path}: SHA-256 {actual} does not match the pinned {checksums[name]} ({PINNED}); "
+                "run the download stage (dvc repro download)"
+            )
+        combined.update(bytes.fromhex(actual))  # one digest over the four, for the run's data.sha256 tag
+    return combined.hexdigest()

@@ -9,20 +9,17 @@ import argparse
 from pathlib import Path
 
 from stages import run_stage
-from stages.config import load_or_exit
-from stages.data import DataError, fetch_all, read_checksums, sources_from
+from stages.config import load_params
+from stages.data import fetch_all, read_checksums, sources_from
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    cfg = load_or_exit().data
-    try:
-        sources = sources_from(cfg.local_dirs, cfg.mirrors)
-        fetch_all(args.out, sources, read_checksums(), cfg.timeout_s, cfg.retries)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = load_params().data
+    sources = sources_from(cfg.local_dirs, cfg.mirrors)
+    fetch_all(args.out, sources, read_checksums(), cfg.timeout_s, cfg.retries, cfg.deadline_s)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,28 @@
 """Evaluate stage: test-set metrics, scikit-learn classification report, confusion matrix, pictures.
 
     python -m stages.evaluate --data data/fashion-mnist --model models/model.pt \
-        --history reports/train/history.json --run-info reports/train/run.json --out reports/eval
+        --history reports/train/history.json --out reports/eval
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 from pathlib import Path
 
-from stages import determinism, files, run_stage
-from stages.config import load_or_exit
+from stages import PipelineError, check_interrupt, determinism, files, run_stage
+from stages.config import as_flat_dict, load_params
+from stages.data import CLASSES, load_split
+
+# Misclassified images are drawn as one mosaic in one axes (36 subplots take seconds to lay out):
+# each cell is a 28x28 image with a caption band above it and a margin either side.
+MOSAIC_COLUMNS = 6
+CAPTION_HEIGHT = 12
+CELL_MARGIN = 6
+CELL = 28 + CAPTION_HEIGHT  # square cells: 28 + 2 * CELL_MARGIN == CELL
+INCHES_PER_CELL = (1.6, 1.9)  # width, height: room for two caption lines
 
 
 def predict(model, images_u8, batch_size: int):
@@ -31,8 +42,6 @@ def compute_metrics(logits, labels) -> tuple[dict, dict, str]:
     import torch
     from sklearn.metrics import classification_report
 
-    from stages.data import CLASSES
-
     loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
     predicted = logits.argmax(1).cpu().numpy()
     actual = labels.cpu().numpy()
@@ -46,24 +55,18 @@ def compute_metrics(logits, labels) -> tuple[dict, dict, str]:
     return metrics, report, text
 
 
-def draw_pictures(out: Path, history: list[dict], logits, labels, images_u8, grid: int) -> list[Path]:
-    """The book's training curves, the confusion matrix and a grid of misclassified test images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
-    import numpy as np
-    from sklearn.metrics import ConfusionMatrixDisplay
 
-    from stages.data import CLASSES
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
-    paths = []
 
-    def save(fig, name):
-        path = out / name
-        fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
-        plt.close(fig)
-        paths.append(path)
+def draw_curves(history: list[dict]) -> bytes:
+    """The book's training plot: train loss, train accuracy and held-out accuracy per epoch."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [row["epoch"] for row in history]
@@ -73,33 +76,59 @@ def draw_pictures(out: Path, history: list[dict], logits, labels, images_u8, gri
     ax.set(xlabel="epoch", xlim=(1, max(epochs[-1], 2)), ylim=(0.3, 0.9))
     ax.grid(True)
     ax.legend()
-    save(fig, "curves.png")
+    return _png(fig)
 
-    predicted = logits.argmax(1).cpu().numpy()
-    actual = labels.cpu().numpy()
+
+def draw_confusion(actual, predicted) -> bytes:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     fig, ax = plt.subplots(figsize=(8, 7))
     ConfusionMatrixDisplay.from_predictions(
         actual, predicted, labels=list(range(len(CLASSES))), display_labels=CLASSES,
         ax=ax, xticks_rotation=45, colorbar=False,
     )  # fmt: skip
-    save(fig, "confusion.png")
+    return _png(fig)
 
-    # One mosaic image in one axes: 36 separate subplots take seconds to lay out.
-    probabilities = logits.softmax(1).cpu().numpy()
-    wrong = np.flatnonzero(predicted != actual)[:grid]
-    cols, cell = 6, 28 + 12
-    rows = max(1, -(-len(wrong) // cols))
-    mosaic = np.zeros((rows * cell, cols * cell))
-    fig, ax = plt.subplots(figsize=(cols * 1.6, rows * 1.9))
+
+def draw_misclassified(images_u8, actual, predicted, probabilities, limit: int) -> bytes:
+    """The first `limit` misclassified test images, each captioned with truth and prediction."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    wrong = np.flatnonzero(predicted != actual)[:limit]
+    rows = max(1, -(-len(wrong) // MOSAIC_COLUMNS))
+    mosaic = np.zeros((rows * CELL, MOSAIC_COLUMNS * CELL))
+    fig, ax = plt.subplots(figsize=(MOSAIC_COLUMNS * INCHES_PER_CELL[0], rows * INCHES_PER_CELL[1]))
     for k, i in enumerate(wrong):
-        r, c = divmod(k, cols)
-        mosaic[r * cell + 12 : r * cell + 40, c * cell + 6 : c * cell + 34] = images_u8[i]
+        top, left = (k // MOSAIC_COLUMNS) * CELL, (k % MOSAIC_COLUMNS) * CELL
+        mosaic[top + CAPTION_HEIGHT : top + CELL, left + CELL_MARGIN : left + CELL - CELL_MARGIN] = images_u8[i]
         caption = f"true: {CLASSES[actual[i]]}\npred: {CLASSES[predicted[i]]} {probabilities[i, predicted[i]]:.0%}"
-        ax.text(c * cell + 20, r * cell + 11, caption, ha="center", va="bottom", fontsize=7)
+        ax.text(left + CELL / 2, top + CAPTION_HEIGHT - 1, caption, ha="center", va="bottom", fontsize=7)
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255)
     ax.axis("off")
-    save(fig, "misclassified.png")
-    return paths
+    return _png(fig)
+
+
+def reports(history: list[dict], logits, labels, images_u8, grid: int) -> tuple[dict, dict[str, bytes]]:
+    """(metrics, every report file by name): the stage's outputs, as bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    metrics, report, text = compute_metrics(logits, labels)
+    actual, predicted = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+    confusion = [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(actual, predicted, strict=True)]
+    as_json = lambda obj: (json.dumps(obj, indent=2) + "\n").encode()  # noqa: E731
+    probabilities = logits.softmax(1).cpu().numpy()
+    return metrics, {
+        "metrics.json": as_json(metrics),
+        "classification_report.txt": text.encode(),
+        "classification_report.json": as_json(report),
+        "confusion.json": as_json(confusion),
+        "curves.png": draw_curves(history),
+        "confusion.png": draw_confusion(actual, predicted),
+        "misclassified.png": draw_misclassified(images_u8, actual, predicted, probabilities, grid),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,48 +136,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True)
-    parser.add_argument("--run-info", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    params = load_or_exit()
+    params = load_params()
     cfg = params.evaluate
     try:
         history = json.loads(args.history.read_text())
-        run_id = json.loads(args.run_info.read_text())["mlflow_run_id"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: cannot read training outputs: {e}") from None
-
+        model_md5 = hashlib.md5(args.model.read_bytes()).hexdigest()
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot read training outputs: {e}") from None
     determinism.apply(params.train.determinism)
+
     import torch
 
     from stages import tracking
-    from stages.data import CLASSES, DataError, load_split
-    from stages.model import CheckpointError, load_checkpoint
+    from stages.model import load_checkpoint
 
     determinism.threads(params.train.determinism)
-
-    try:
-        model, _ = load_checkpoint(args.model)
-        images, labels = load_split(args.data, "test")
-    except (CheckpointError, DataError) as e:
-        raise SystemExit(f"error: {e}") from None
-    with tracking.evaluation_run(run_id) as run:
-        labels_t = torch.from_numpy(labels).long()
+    model, _ = load_checkpoint(args.model)
+    images, labels = load_split(args.data, "test")
+    with tracking.evaluation_run(params, model_md5) as run, files.Outputs() as out:
         logits = predict(model, torch.from_numpy(images), cfg.batch_size)
-        metrics, report, text = compute_metrics(logits, labels_t)
-        args.out.mkdir(parents=True, exist_ok=True)
-        predicted = logits.argmax(1).tolist()
-        confusion = [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(labels, predicted, strict=True)]
-        files.write_json(args.out / "confusion.json", confusion)
-        files.write_json(args.out / "classification_report.json", report)
-        files.write_text(args.out / "classification_report.txt", text)
-        pictures = draw_pictures(args.out, history, logits, labels_t, images, cfg.misclassified_grid)
-        files.write_json(args.out / "metrics.json", metrics)
-        reports = ["metrics.json", "classification_report.txt", "classification_report.json", "confusion.json"]
-        settings = {f"evaluate.{k}": v for k, v in vars(cfg).items()}
-        run.log_evaluation(metrics, settings, [args.out / name for name in reports] + pictures)
-    print(text)
-    print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  (MLflow run {run_id})")
+        metrics, outputs = reports(history, logits, torch.from_numpy(labels).long(), images, cfg.misclassified_grid)
+        settings = {k: v for k, v in as_flat_dict(params).items() if k.startswith("evaluate.")}
+        run.log_evaluation(metrics, settings, outputs)
+        for name, data in outputs.items():
+            out.write_bytes(args.out / name, data)
+        check_interrupt()
+    print(outputs["classification_report.txt"].decode())
+    print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  (MLflow run {run.run_id})")
 
 
 if __name__ == "__main__":

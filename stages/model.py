@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages import files
+from stages import PipelineError, files
+from stages.config import ConfigError
 
 IN_FEATURES, NUM_CLASSES = 28 * 28, 10
 
@@ -31,20 +32,24 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: params.yaml: device: {setting!r} but no CUDA device is available; use auto or cpu")
+        raise ConfigError(f"params.yaml: device: {setting!r} but no CUDA device is available; use auto or cpu")
     return torch.device(setting)
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: dict, **extra) -> None:
+def checkpoint_bytes(model: nn.Module, config: dict, **extra) -> bytes:
     """state_dict plus the config it was trained with; plain tensors and scalars only, so
     `torch.load(weights_only=True)` reads it and no code is pickled."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"state_dict": state, "config": config, **extra}, buffer)
-    files.write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-class CheckpointError(Exception):
+def save_checkpoint(path: Path, model: nn.Module, config: dict, **extra) -> None:
+    files.write_bytes(path, checkpoint_bytes(model, config, **extra))
+
+
+class CheckpointError(PipelineError):
     pass
 
 

@@ -2,6 +2,11 @@
 
 Default store: `mlflow.db` (SQLite) at the project root, artifacts in `mlruns/` beside it.
 `MLFLOW_TRACKING_URI`, when set, wins (a team's shared `mlflow server`).
+
+DVC and MLflow are linked by the model's md5 (the one `dvc.lock` records for models/model.pt),
+not by a run id: train tags its run `dvc.model_md5`, evaluate finds the run by that tag. A run id
+in a DVC output would change `dvc.lock` on every rerun of the same params and data, and a run
+restored from DVC's run-cache (no command runs) still leads to the run that trained it.
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from stages import Interrupted, PipelineError
 from stages.config import Params, as_flat_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL_MD5_TAG = "dvc.model_md5"
 # Offline by default, and fail fast: MLflow's HTTP client otherwise retries for minutes.
 _ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -111,16 +118,22 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+class TrackingError(PipelineError):
+    """The tracking store failed; the message names the store (password redacted) and the reason."""
+
+
 @contextlib.contextmanager
 def _one_line_errors(uri: str, doing: str):
     """MLflow's errors as the one line a user needs: which store, doing what, and why."""
     try:
         yield
+    except PipelineError:
+        raise
     except Exception as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         # SQLAlchemy puts the database's own words on a line of their own: "(sqlite3.X) why".
         reason = next((line for line in lines if re.match(r"\([\w.]+(Error|Exception)\) ", line)), lines[0])
-        raise SystemExit(redacted(f"error: MLflow tracking store {uri} {doing}: {reason[:300]}")) from None
+        raise TrackingError(redacted(f"MLflow tracking store {uri} {doing}: {reason[:300]}")) from None
 
 
 class Run:
@@ -131,7 +144,7 @@ class Run:
         self.registered_model = registered_model
         self.client = mlflow.MlflowClient()
 
-    def log_training(self, history: list[dict], kept_epoch: int, history_path: Path) -> None:
+    def log_training(self, history: list[dict], kept_epoch: int, history_json: bytes) -> None:
         from mlflow.entities import Metric
 
         metrics = [
@@ -143,7 +156,19 @@ class Run:
         metrics.append(Metric("kept_epoch", float(kept_epoch), 0, 0))
         with _one_line_errors(self.uri, "failed logging the training"), _store_lock(self.uri):
             self.client.log_batch(self.run_id, metrics=metrics)
-            self.client.log_artifact(self.run_id, str(history_path))
+            self.log_files({"history.json": history_json})
+
+    def log_files(self, files: dict[str, bytes], artifact_path: str | None = None) -> None:
+        """Artifacts from memory: the stage publishes its outputs only after MLflow has them."""
+        with tempfile.TemporaryDirectory(prefix="mlflow-artifacts-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+
+    def link_model(self, model_md5: str) -> None:
+        """Tag the run with the md5 DVC records for the model file: evaluate finds the run by it."""
+        with _one_line_errors(self.uri, "failed tagging the run"), _store_lock(self.uri):
+            self.client.set_tag(self.run_id, MODEL_MD5_TAG, model_md5)
 
     def log_model(self, model, example) -> None:
         """The model plus a softmax, so MLflow serves class probabilities for a batch of
@@ -172,7 +197,7 @@ class Run:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
 
-    def log_evaluation(self, metrics: dict, settings: dict, artifacts: list[Path]) -> None:
+    def log_evaluation(self, metrics: dict, settings: dict, artifacts: dict[str, bytes]) -> None:
         """Evaluation settings go in as tags, not params: a training run may be evaluated again
         with other settings (`-S evaluate.batch_size=...`), and MLflow params cannot change."""
         from mlflow.entities import RunTag
@@ -183,8 +208,7 @@ class Run:
                 metrics=[self._metric(k, v) for k, v in metrics.items()],
                 tags=[RunTag(k, str(v)) for k, v in settings.items()],
             )
-            for path in artifacts:
-                self.client.log_artifact(self.run_id, str(path), "evaluation")
+            self.log_files(artifacts, "evaluation")
 
     @staticmethod
     def _metric(key, value):
@@ -192,37 +216,31 @@ class Run:
 
         return Metric(key, float(value), 0, 0)
 
-    @staticmethod
-    def _param(key, value):
-        from mlflow.entities import Param
 
-        return Param(key, json.dumps(value) if isinstance(value, list) else str(value))
+def mlflow_param(key: str, value):
+    from mlflow.entities import Param
+
+    return Param(key, json.dumps(value) if isinstance(value, list) else str(value))
 
 
 @contextlib.contextmanager
 def _ending(run: Run):
     """End the run FINISHED, FAILED on error, KILLED on Ctrl-C or SIGTERM: never left RUNNING."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     status = "FINISHED"
     try:
         yield run
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt):
         status = "KILLED"
         raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         try:
             with _store_lock(run.uri):
                 run.client.set_terminated(run.run_id, status)
         except Exception as e:  # the original error matters more than this one
             print(redacted(f"warning: could not mark MLflow run {run.run_id} {status}: {e}"), file=sys.stderr)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextlib.contextmanager
@@ -240,20 +258,38 @@ def training_run(params: Params, data_sha256: str):
             tags=source_tags(data_sha256),
         ).info
         train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
-        client.log_batch(info.run_id, params=[Run._param(k, v) for k, v in train_keys.items()])
+        client.log_batch(info.run_id, params=[mlflow_param(k, v) for k, v in train_keys.items()])
     run = Run(mlflow, info.run_id, uri, params.tracking.registered_model)
     with _ending(run):
         yield run
 
 
 @contextlib.contextmanager
-def evaluation_run(run_id: str):
-    """Reopen the training run so evaluation results sit beside the training curves."""
+def evaluation_run(params: Params, model_md5: str):
+    """The run that trained this model (found by its md5 tag), to log the evaluation beside the
+    training curves. The run stays as it was (FINISHED): evaluating does not reopen it.
+
+    A model trained elsewhere (pulled from a DVC remote, its run in another store) gets a run of
+    its own here, holding the evaluation only."""
     uri = tracking_uri()
     mlflow = import_mlflow()
-    with _one_line_errors(uri, f"cannot reopen run {run_id}"), _store_lock(uri):
+    with _one_line_errors(uri, "is not usable"), _store_lock(uri):
         mlflow.set_tracking_uri(uri)
-        mlflow.MlflowClient().update_run(run_id, status="RUNNING")
-    run = Run(mlflow, run_id, uri)
+        client = mlflow.MlflowClient()
+        experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{MODEL_MD5_TAG}` = '{model_md5}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not found:
+            tags = {MODEL_MD5_TAG: model_md5}
+            new_run = client.create_run(experiment_id, run_name=f"evaluation-{model_md5[:8]}", tags=tags).info
+    if found:
+        yield Run(mlflow, found[0].info.run_id, uri)
+        return
+    print(f"no MLflow run in {redacted(uri)} trained this model (md5 {model_md5}); evaluation logged to a new run")
+    run = Run(mlflow, new_run.run_id, uri)
     with _ending(run):
         yield run

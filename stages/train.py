@@ -7,16 +7,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
 
-from stages import determinism, files, run_stage
-from stages.config import TrainConfig, load_or_exit
+from stages import PipelineError, check_interrupt, determinism, files, run_stage
+from stages.config import ConfigError, TrainConfig, load_params
 
 
-class DivergedError(Exception):
+class DivergedError(PipelineError):
     pass
 
 
@@ -32,7 +33,7 @@ def split_validation(n: int, cfg: TrainConfig):
     if cfg.val_size == 0:
         return torch.arange(n), None
     if cfg.val_size >= n:
-        raise SystemExit(f"error: params.yaml: val_size: {cfg.val_size} leaves no training data (the set has {n})")
+        raise ConfigError(f"params.yaml: val_size: {cfg.val_size} leaves no training data (the set has {n})")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.val_seed))
     return order[cfg.val_size :].sort().values, order[: cfg.val_size].sort().values
 
@@ -61,6 +62,7 @@ def train_epoch(model, loss_fn, optimizer, inputs, labels, batch_size: int, gene
     order = torch.randperm(len(labels), generator=generator).to(labels.device)
     loss_sum, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
+        check_interrupt()  # between batches: stopping here leaves every output as it was
         batch = order[start : start + batch_size]
         X, y = inputs.index_select(0, batch), labels.index_select(0, batch)
         logits = model(X)
@@ -121,26 +123,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=Path, required=True)
     parser.add_argument("--run-info", type=Path, required=True)
     args = parser.parse_args(argv)
-    params = load_or_exit()  # before any heavy import: a bad value costs a fraction of a second
+    params = load_params()  # before any heavy import: a bad value costs a fraction of a second
     cfg = params.train
     determinism.apply(cfg.determinism)
 
     import torch
 
     from stages import tracking
-    from stages.data import DataError, dataset_digest, load_split
-    from stages.model import build_model, resolve_device, save_checkpoint, to_inputs
+    from stages.data import load_split, verify_dir
+    from stages.model import build_model, checkpoint_bytes, resolve_device, to_inputs
 
     determinism.threads(cfg.determinism)
     device = resolve_device(cfg.device)
     if device.type == "cuda":  # the CPU kernels used here are deterministic already
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    try:
-        train_images, train_labels = load_split(args.data, "train")
-        test_images, test_labels = load_split(args.data, "test")
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    train_images, train_labels = load_split(args.data, "train")
+    test_images, test_labels = load_split(args.data, "test")
+    data_sha256 = verify_dir(args.data)  # after the shape and range checks, whose messages say more
 
     def on_device(images, labels, index=None):
         """Float inputs in [0, 1] and int64 labels, converted once for all epochs."""
@@ -158,18 +158,20 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.init_std).to(device)
-    with tracking.training_run(params, data_sha256=dataset_digest(args.data)) as run:
-        try:
-            history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name)
-        except DivergedError as e:
-            raise SystemExit(f"error: {e}") from None
-        save_checkpoint(args.model, model, dataclasses.asdict(cfg), kept_epoch=kept_epoch)
-        files.write_json(args.history, history)
-        run.log_training(history, kept_epoch, args.history)
-        example = torch.from_numpy(test_images[:2]).float() / 255  # two images: the batch size stays dynamic
-        run.log_model(model, example)
-        run_info = {"mlflow_run_id": run.run_id, "epochs_run": len(history), "kept_epoch": kept_epoch}
-        files.write_json(args.run_info, run_info)
+    with tracking.training_run(params, data_sha256=data_sha256) as run, files.Outputs() as out:
+        history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name)
+        checkpoint = checkpoint_bytes(model, cfg.model_dump(), kept_epoch=kept_epoch)
+        model_md5 = hashlib.md5(checkpoint).hexdigest()
+        history_json = (json.dumps(history, indent=2) + "\n").encode()
+        run.log_training(history, kept_epoch, history_json)
+        run.log_model(model, to_inputs(torch.from_numpy(test_images[:2])))  # two images: the batch stays dynamic
+        run.link_model(model_md5)
+        # Only what the same params and data reproduce: no run id, so a rerun leaves dvc.lock as it was.
+        run_info = {"epochs_run": len(history), "kept_epoch": kept_epoch, "model_md5": model_md5}
+        out.write_bytes(args.model, checkpoint)
+        out.write_bytes(args.history, history_json)
+        out.write_json(args.run_info, run_info)
+        check_interrupt()  # the last safe point: after it, all three files move into place together
     row = history[kept_epoch - 1]
     print(f"saved {args.model} (epoch {kept_epoch}: {eval_name} {row[eval_name]:.4f}); MLflow run {run.run_id}")
 

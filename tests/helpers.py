@@ -28,7 +28,7 @@ TINY_TRAIN, TINY_TEST = 600, 200
 EXPERIMENT = "fashion-mnist-softmax"
 TRAIN = ["python", "-m", "stages.train", "--data", "data/fashion-mnist", "--model", "models/model.pt",
          "--history", "reports/train/history.json", "--run-info", "reports/train/run.json"]  # fmt: skip
-EVALUATE = ["python", "-m", "stages.evaluate", *TRAIN[3:], "--out", "reports/eval"]
+EVALUATE = ["python", "-m", "stages.evaluate", *TRAIN[3:9], "--out", "reports/eval"]
 
 
 # --- data -----------------------------------------------------------------------------------

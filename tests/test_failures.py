@@ -4,16 +4,31 @@ data, models and the tracking store left as they were."""
 import contextlib
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import DVC, EVALUATE, TRAIN, cli_env, error_line, idx_bytes, run, runs, synthetic_split
+from tests.helpers import (
+    DVC,
+    EVALUATE,
+    TRAIN,
+    cli_env,
+    error_line,
+    git_commit_all,
+    idx_bytes,
+    make_project,
+    run,
+    runs,
+    shrunk_params,
+    synthetic_split,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +38,18 @@ def snapshot(project) -> dict[str, bytes]:
     return {p: (project / p).read_bytes() for p in paths}
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, tiny_source) -> Path:
+    source, sums = tiny_source
+    project = make_project(tmp_path_factory.mktemp("trained") / "project", shrunk_params(source), sums)
+    run([DVC, "repro"], project)
+    return project
+
+
 @pytest.fixture
-def trained(tiny_project):
-    run([DVC, "repro"], tiny_project)
-    return tiny_project
+def trained(trained_once, tmp_path) -> Path:
+    """A project after one good `dvc repro`: a copy per test of one run (each run costs ~20 s)."""
+    return Path(shutil.copytree(trained_once, tmp_path / "project", symlinks=True))
 
 
 def set_param(project, key, value):
@@ -54,6 +77,20 @@ def test_bad_data_reaching_train_is_named(trained, mutate, message):
     assert snapshot(trained) == before
 
 
+def test_hand_edited_labels_in_range_are_refused_before_training(trained):
+    target = trained / "data" / "fashion-mnist" / "train-labels-idx1-ubyte"
+    _, labels = synthetic_split(600, 1)
+    target.unlink()  # DVC may have linked it from the cache; never write through that link
+    target.write_bytes(idx_bytes((labels + 1) % 10))  # every label still in 0..9
+    before = snapshot(trained)
+    proc = run(TRAIN, trained, check=False)
+    assert proc.returncode == 1
+    assert error_line(proc).startswith("error: data/fashion-mnist/train-labels-idx1-ubyte: SHA-256 ")
+    assert error_line(proc).endswith("(stages/fashion-mnist.sha256); run the download stage (dvc repro download)")
+    assert snapshot(trained) == before
+    assert len(runs(trained)) == 1  # the run that trained on the pinned data only
+
+
 def test_divergence_fails_naming_lr_and_writes_no_model(tiny_project):
     params = (tiny_project / "params.yaml").read_text().replace("lr: 0.1", "lr: 1000")
     (tiny_project / "params.yaml").write_text(params)
@@ -63,6 +100,20 @@ def test_divergence_fails_naming_lr_and_writes_no_model(tiny_project):
     assert not (tiny_project / "models" / "model.pt").exists()
     (only,) = runs(tiny_project)
     assert only.info.status == "FAILED"
+
+
+def test_after_a_failed_stage_the_readme_commands_bring_the_outputs_back(trained):
+    """DVC deletes a stage's outputs before running it; the README says how to get them back."""
+    git_commit_all(trained, "a good run")
+    before = snapshot(trained)
+    params = (trained / "params.yaml").read_text()
+    (trained / "params.yaml").write_text(params.replace("lr: 0.1", "lr: 1000"))
+    assert run([DVC, "repro"], trained, check=False).returncode != 0
+    assert not (trained / "models" / "model.pt").exists()
+    (trained / "params.yaml").write_text(params)
+    run(["git", "checkout", "--", "reports"], trained)  # the small outputs kept in git
+    run([DVC, "checkout"], trained)  # the rest, from DVC's cache
+    assert snapshot(trained) == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -86,6 +137,77 @@ def test_interrupted_training_keeps_the_previous_model_and_marks_the_run_killed(
     assert statuses == ["FINISHED", "KILLED"]
     (trained / "params.yaml").write_text(params.replace("num_epochs: 100000", "num_epochs: 1"))
     run([DVC, "repro"], trained)  # and the next run is clean
+
+
+# The signal lands exactly as MLflow opens the run: the moment where a handler that raised from
+# wherever Python happened to be was swallowed by SQLAlchemy's finalizers (7 times in 13).
+SIGNAL_AS_THE_RUN_OPENS = """
+import os, signal, sys
+import stages.tracking as tracking
+
+real_import = tracking.import_mlflow
+
+def import_mlflow_and_signal_on_create_run():
+    mlflow = real_import()
+    create_run = mlflow.MlflowClient.create_run
+
+    def create_run_after_a_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.{signal})
+        return create_run(self, *args, **kwargs)
+
+    mlflow.MlflowClient.create_run = create_run_after_a_signal
+    return mlflow
+
+tracking.import_mlflow = import_mlflow_and_signal_on_create_run
+from stages import run_stage
+from stages.train import main
+sys.argv = {argv!r}
+run_stage(main)
+"""
+
+
+@pytest.mark.parametrize("signal_name, shown", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
+def test_a_signal_as_the_run_opens_is_never_swallowed(trained, signal_name, shown):
+    before = snapshot(trained)
+    script = SIGNAL_AS_THE_RUN_OPENS.format(signal=signal_name, argv=TRAIN[2:])
+    proc = run(["python", "-c", script], trained, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: interrupted by {shown}; outputs stay the previous complete ones"
+    ]
+    assert snapshot(trained) == before
+    assert sorted(r.info.status for r in runs(trained)) == ["FINISHED", "KILLED"]
+
+
+@contextlib.contextmanager
+def full_disk(directory):
+    """`directory` on a nearly full filesystem of its own (a small tmpfs), holding its old files."""
+    saved = {p.name: p.read_bytes() for p in directory.iterdir()}
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        for name, data in saved.items():
+            (directory / name).write_bytes(data)
+        with open(directory / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 1024)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_publishes_none_of_the_outputs(trained):
+    """The model would fit; the history behind it does not: neither may replace the old ones."""
+    before = snapshot(trained)
+    with full_disk(trained / "reports" / "train"):
+        proc = run(TRAIN, trained, check=False)
+        assert proc.returncode == 1
+        assert error_line(proc) == "error: reports/train/history.json: cannot write: No space left on device"
+        assert "Traceback" not in proc.stderr
+        assert snapshot(trained) == before
+        leftovers = [p.name for d in ("models", "reports/train") for p in (trained / d).iterdir()]
+        assert sorted(leftovers) == ["filler", "history.json", "model.pt", "run.json"]
+    assert sorted(r.info.status for r in runs(trained)) == ["FAILED", "FINISHED"]
 
 
 class WritesAFile:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.helpers import DVC, REAL_DATA, lock_md5, make_project, ran, run, shrunk_params, skipped
+from tests.helpers import DVC, REAL_DATA, lock_md5, make_project, ran, restored, run, shrunk_params, skipped
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,16 @@ def test_repro_experiment_and_nothing_to_do(tiny_project):
     accs = [e["revs"][0]["data"]["metrics"]["reports/eval/metrics.json"]["data"]["test_acc"] for e in experiments]
     assert all(0 <= acc <= 1 for acc in accs)
 
-    # Same params and data: byte-identical model.
-    run([DVC, "exp", "run", "-S", "lr=0.1"], tiny_project)
-    run([DVC, "repro", "-f", "train"], tiny_project)
+    # Back to a param set already run: restored from DVC's run-cache, nothing trains.
+    back = run([DVC, "exp", "run", "-S", "lr=0.1"], tiny_project).stdout
+    assert restored(back) == {"train", "evaluate"} and ran(back) == {"check_params"}, back
     assert lock_md5(tiny_project, "train", "models/model.pt") == model_md5
+    assert json.loads((tiny_project / "reports/train/run.json").read_text())["model_md5"] == model_md5
+
+    # Same params and data, trained again: byte-identical model, and dvc.lock does not change.
+    lock = (tiny_project / "dvc.lock").read_text()
+    run([DVC, "repro", "-f", "train", "evaluate"], tiny_project)
+    assert (tiny_project / "dvc.lock").read_text() == lock
 
 
 def test_each_key_reruns_only_what_reads_it(tiny_project):

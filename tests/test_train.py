@@ -1,10 +1,9 @@
-import dataclasses
 import io
 
 import pytest
 import torch
 
-from stages.config import parse_params
+from stages.config import ConfigError, parse_params
 from stages.model import build_model, to_inputs
 from stages.train import DivergedError, fit, split_validation
 from tests.helpers import default_params, synthetic_split
@@ -12,7 +11,7 @@ from tests.helpers import default_params, synthetic_split
 
 def tiny_config(**changes):
     cfg = parse_params(default_params()).train
-    return dataclasses.replace(cfg, **{"num_epochs": 2, "batch_size": 64, **changes})
+    return cfg.model_copy(update={"num_epochs": 2, "batch_size": 64, **changes})
 
 
 def tensors(n, seed):
@@ -83,11 +82,11 @@ def test_validation_split_is_carved_from_training_by_seed():
     assert len(train_idx) == 500 and len(val_idx) == 100
     assert not set(train_idx.tolist()) & set(val_idx.tolist())
     assert torch.equal(split_validation(600, cfg)[1], val_idx)
-    assert not torch.equal(split_validation(600, dataclasses.replace(cfg, val_seed=4))[1], val_idx)
+    assert not torch.equal(split_validation(600, cfg.model_copy(update={"val_seed": 4}))[1], val_idx)
 
 
 def test_a_validation_split_must_leave_training_data():
-    with pytest.raises(SystemExit, match="val_size: 600 leaves no training data"):
+    with pytest.raises(ConfigError, match="val_size: 600 leaves no training data"):
         split_validation(600, tiny_config(val_size=600))
 
 
