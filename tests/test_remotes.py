@@ -126,7 +126,9 @@ def servers(tmp_path_factory):
     with (
         sshd(home / "ssh") as ssh,
         s3_server() as s3,
-        mlflow_server(f"sqlite:///{home / 'mlflow.db'}", home / "mlflow-artifacts") as mlflow_url,
+        mlflow_server(
+            f"sqlite:///{home / 'mlflow.db'}", home / "mlflow-artifacts", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
+        ) as mlflow_url,
     ):
         s3.client().create_bucket(Bucket="team-dvc")
         urls = {
