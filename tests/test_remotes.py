@@ -244,7 +244,7 @@ def pull_experiment(team, experiment, kind: str, dest: str) -> Path:
     return b
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["ssh"])  # the S3 remote carries the rerun below; one run each keeps the module short
 def test_a_teammate_sees_and_applies_an_experiment_without_training(team, experiment, kind):
     runs_before = len(all_runs(client_for(team.servers.mlflow)))
     b = pull_experiment(team, experiment, kind, f"exp-{kind}")
