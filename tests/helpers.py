@@ -268,3 +268,60 @@ def postgres():
     finally:
         subprocess.run([*as_user, bindir / "pg_ctl", "-D", datadir, "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+# --- team storage: an S3-compatible server on loopback ----------------------------------------
+# Shared by tests/test_remotes.py (DVC's S3 remote) and tests/test_team_mlflow.py (MLflow's
+# proxied artifact store).
+
+
+class S3Server:
+    def __init__(self, endpoint: str, access_key_id: str, secret_access_key: str):
+        self.endpoint, self.access_key_id, self.secret_access_key = endpoint, access_key_id, secret_access_key
+
+    def client(self, secret_access_key: str | None = None):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=secret_access_key or self.secret_access_key,
+        )
+
+
+@contextlib.contextmanager
+def s3_server():
+    """moto's standalone S3 server, a separate process on a free loopback port, that checks every
+    request's signature against its IAM users as AWS does; yields the endpoint and the keys of a
+    user allowed s3:*, and stops the server by PID."""
+    import json
+
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_dir = Path(tempfile.mkdtemp(prefix="s3-server-"))
+    with open(log_dir / "server.log", "w") as log:
+        cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+        proc = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=log)
+        try:
+            wait_for(f"{endpoint}/moto-api/", proc)
+            iam = boto3.client(
+                "iam", endpoint_url=endpoint, region_name="us-east-1",
+                aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap",
+            )  # fmt: skip
+            iam.create_user(UserName="team")
+            key = iam.create_access_key(UserName="team")["AccessKey"]
+            policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+            iam.put_user_policy(UserName="team", PolicyName="s3", PolicyDocument=json.dumps(policy))
+            # From here on moto refuses unsigned requests and unknown or wrong keys, like AWS.
+            enforce = urllib.request.Request(
+                f"{endpoint}/moto-api/reset-auth", data=b"0", headers={"Content-Type": "text/plain"}
+            )
+            urllib.request.urlopen(enforce, timeout=10)
+            yield S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
