@@ -227,7 +227,9 @@ def mlflow_server(backend_uri: str, artifacts: Path | str, *extra_args: str, **e
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra_args]
     log_dir = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
     with open(log_dir / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=cli_env(MLFLOW_DISABLE_TELEMETRY="true", **env), stdout=log, stderr=log)
+        # No job workers: MLflow would start seven per server, and they outlive a killed test run.
+        env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
+        proc = subprocess.Popen(cmd, env=cli_env(**env), stdout=log, stderr=log)
         try:
             wait_for(f"http://127.0.0.1:{port}/health", proc)
             yield f"http://127.0.0.1:{port}"

@@ -258,11 +258,6 @@ def test_a_teammate_sees_and_applies_an_experiment_without_training(team, experi
     assert len(all_runs(client_for(team.servers.mlflow))) == runs_before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs dvc.yaml to cache train's and evaluate's small outputs: DVC never pushes `cache: false` "
-    "outputs, and a run-cache entry restores only when all its outputs are in the local cache",
-)
 def test_a_teammate_rerunning_an_experiment_gets_it_from_the_run_cache_and_its_mlflow_run(team, experiment):
     mlflow = client_for(team.servers.mlflow)
     b = pull_experiment(team, experiment, "s3", "exp-rerun")
