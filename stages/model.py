@@ -60,8 +60,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; run the train stage (dvc repro train)") from None
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line[:200]})") from None
+        # For a refused pickle, the line naming the refused GLOBAL, not torch's advice around it
+        # (set weights_only=False, or allow the global): both would switch off the very check.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "GLOBAL " in line), lines[0])
+        reason = reason.split(" was not an allowed global")[0].split(" whose module")[0]
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= ckpt.keys():
         raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict/config)")
     model = build_model(init_std=0.0).to(device)

@@ -44,9 +44,11 @@ def test_crafted_pickle_is_refused_without_running_code(tmp_path, capsys):
     buffer = io.BytesIO()
     torch.save({"state_dict": {}, "config": Exploit()}, buffer, pickle_module=pickle)
     path.write_bytes(buffer.getvalue())
-    with pytest.raises(CheckpointError, match=f"{path}: not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{path}: not a loadable checkpoint") as err:
         load_checkpoint(path)
     assert "code from the pickle ran" not in capsys.readouterr().out
+    assert "GLOBAL print" in str(err.value)  # what was refused
+    assert "weights_only" not in str(err.value) and "add_safe_globals" not in str(err.value)  # no advice to disarm
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):
