@@ -62,7 +62,7 @@ def epoch_probe(mode: str, reps: int) -> None:
     from stages.train import train_epoch
 
     determinism.threads(mode)
-    cfg = load_params().train
+    cfg = load_params()
     images, labels = load_split(DATA, "train")
     inputs, targets = to_inputs(torch.from_numpy(images)), torch.from_numpy(labels).long()
     torch.manual_seed(cfg.seed)
@@ -93,7 +93,7 @@ def epoch_timings(reps: int) -> dict:
     from stages.model import build_model, to_inputs
     from stages.train import train_epoch
 
-    cfg = load_params().train
+    cfg = load_params()
     images, labels = load_split(DATA, "train")
     inputs, targets = to_inputs(torch.from_numpy(images)), torch.from_numpy(labels).long()
 

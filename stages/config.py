@@ -45,23 +45,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
-class TrainConfig(_Section):
-    """The hyperparameters: flat top-level keys so `dvc exp run -S lr=0.05` works as written."""
-
-    seed: int = Field(ge=0, le=SEED_MAX)
-    batch_size: int = Field(ge=1)
-    num_epochs: int = Field(ge=1)
-    lr: Number = Field(gt=0)
-    init_std: Number = Field(ge=0)
-    weight_decay: Number = Field(ge=0)
-    momentum: Number = Field(ge=0, lt=1)
-    val_size: int = Field(ge=0)
-    val_seed: int = Field(ge=0, le=SEED_MAX)
-    patience: int = Field(ge=0)
-    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
-    determinism: Literal["portable", "fast"]
-
-
 class DataConfig(_Section):
     local_dirs: list[Text] = Field(description="a list of directories")
     mirrors: list[Annotated[Text, AfterValidator(_mirror_url)]] = Field(description="a list of https:// URLs")
@@ -84,24 +67,41 @@ class TrackingConfig(_Section):
     )
 
 
+SECTIONS = ("data", "evaluate", "tracking")
+
+
 class Params(_Section):
-    train: TrainConfig
+    """params.yaml, key for key. Hyperparameters are top-level keys so `dvc exp run -S lr=0.05` works."""
+
+    seed: int = Field(ge=0, le=SEED_MAX)
+    batch_size: int = Field(ge=1)
+    num_epochs: int = Field(ge=1)
+    lr: Number = Field(gt=0)
+    init_std: Number = Field(ge=0)
+    weight_decay: Number = Field(ge=0)
+    momentum: Number = Field(ge=0, lt=1)
+    val_size: int = Field(ge=0)
+    val_seed: int = Field(ge=0, le=SEED_MAX)
+    patience: int = Field(ge=0)
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    determinism: Literal["portable", "fast"]
     data: DataConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
 
     @model_validator(mode="after")
     def _relations(self):
-        if self.train.patience and not self.train.val_size:
-            raise ValueError(f"patience: {self.train.patience} needs a validation split; set val_size > 0")
+        if self.patience and not self.val_size:
+            raise ValueError(f"patience: {self.patience} needs a validation split; set val_size > 0")
         for key, value in as_flat_dict(self).items():
             logged = json.dumps(value) if isinstance(value, list) else str(value)  # as tracking.py logs it
             if len(logged) > PARAM_MAX:
                 raise ValueError(f"{key}: {len(logged)} characters, more than MLflow keeps for a param ({PARAM_MAX})")
         return self
 
-
-SECTIONS = ("data", "evaluate", "tracking")
+    def hyperparameters(self) -> dict:
+        """The top-level keys: what a checkpoint records as the config it was trained with."""
+        return self.model_dump(exclude=set(SECTIONS))
 
 
 def _expected(field) -> str:
@@ -115,13 +115,13 @@ def _expected(field) -> str:
 
 def _message(error: dict, raw: dict) -> str:
     """One pydantic error -> the one line a user reads: the key, the value, what is allowed."""
-    section, name = (*error["loc"], None, None)[:2]  # ("data", "timeout_s"), ("train",), or () for Params
-    key = ".".join(str(part) for part in (section, name) if part not in ("train", None))
-    fields = Params.model_fields[section].annotation.model_fields if section else {}
+    loc = error["loc"][:2]  # ("lr",), ("data", "timeout_s"), ("data",) or (); a list item: its list
+    key, name = ".".join(map(str, loc)), loc[-1] if loc else None
+    fields = Params.model_fields[loc[0]].annotation.model_fields if len(loc) == 2 else Params.model_fields
     if error["type"] == "missing":
-        return f"missing key {key!r}" if name else f"missing section {key!r}"
+        return f"missing {'section' if name in SECTIONS else 'key'} {key!r}"
     if error["type"] == "model_type":
-        return f"{key}: expected a mapping, got {error['input']!r}"
+        return f"{key or 'the top level'}: expected a mapping, got {error['input']!r}"
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(name), fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -130,17 +130,14 @@ def _message(error: dict, raw: dict) -> str:
         return ": ".join(filter(None, [key, str(error["ctx"]["error"])]))
     if name not in fields:
         return f"{key}: {error['msg']}"
-    value = repr(raw[name] if section == "train" else raw[section][name])
+    value = repr(raw[loc[0]][name] if len(loc) == 2 else raw[name])  # as written: '1e12', not 1e12
     value = value if len(value) <= 80 else f"{value[:60]}... ({len(value)} characters)"
     return f"{key}: {value} is not allowed; expected {_expected(fields[name])}"
 
 
 def parse_params(raw) -> Params:
-    if not isinstance(raw, dict):
-        raise ConfigError("params.yaml: expected a mapping of keys to values at the top level")
-    sections = {name: raw[name] for name in SECTIONS if name in raw}
     try:
-        return Params.model_validate({"train": {k: v for k, v in raw.items() if k not in SECTIONS}, **sections})
+        return Params.model_validate(raw)
     except ValidationError as e:
         # An unknown key first: with `lrr` for `lr`, the typo is the news, not the missing `lr`.
         first = min(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
@@ -181,7 +178,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
 def as_flat_dict(params: Params) -> dict:
     """Params as MLflow wants them: top-level hyperparameters plus dotted section keys."""
     sections = {f"{s}.{key}": value for s in SECTIONS for key, value in getattr(params, s).model_dump().items()}
-    return params.train.model_dump() | sections
+    return params.hyperparameters() | sections
 
 
 def main() -> None:

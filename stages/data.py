@@ -33,7 +33,7 @@ SPLITS = {"train": "train", "test": "t10k"}
 FILES = tuple(f"{prefix}-{kind}" for prefix in SPLITS.values() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
 CHECKSUMS = Path(__file__).with_name("fashion-mnist.sha256")
 PINNED = f"stages/{CHECKSUMS.name}"  # as the user finds it in the project
-IMAGE_SHAPE = (28, 28)
+IMAGE_SHAPE, NUM_CLASSES = (28, 28), len(CLASSES)
 _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes; 3 or 1 dimensions
 # Twice the real counts (60000 and 10000): room for a bigger variant of the data set, none for a
 # header that announces gigabytes. The header is checked before a byte of the file is written.

@@ -145,13 +145,13 @@ def main(argv: list[str] | None = None) -> None:
         model_md5 = hashlib.md5(args.model.read_bytes()).hexdigest()
     except (OSError, ValueError) as e:
         raise PipelineError(f"cannot read training outputs: {e}") from None
-    determinism.apply(params.train.determinism)
+    determinism.apply(params.determinism)
 
     import torch
 
     from stages.model import load_checkpoint
 
-    determinism.threads(params.train.determinism)
+    determinism.threads(params.determinism)
     model, _ = load_checkpoint(args.model)
     images, labels = load_split(args.data, "test")
     with tracking.evaluation_run(params, model_md5) as run, files.Outputs() as out:

@@ -12,8 +12,9 @@ from torch import nn
 
 from stages import PipelineError, files
 from stages.config import ConfigError
+from stages.data import IMAGE_SHAPE, NUM_CLASSES
 
-IN_FEATURES, NUM_CLASSES = 28 * 28, 10
+IN_FEATURES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 
 
 def build_model(init_std: float) -> nn.Sequential:

@@ -117,7 +117,11 @@ def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.nd
     except mlflow.exceptions.MlflowException as e:
         reason = str(e).strip().splitlines()[0][:300]
         raise ModelError(redacted(f"{model_uri}: cannot load it from {uri}: {reason}")) from None
-    return np.asarray(model.predict(images_u8.astype(np.float32) / 255))
+    import torch  # loading the model imported it already
+
+    from stages.model import to_inputs
+
+    return np.asarray(model.predict(to_inputs(torch.from_numpy(images_u8)).numpy()))
 
 
 def _known_versions(mlflow, name: str) -> str:

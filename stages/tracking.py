@@ -36,6 +36,7 @@ import yaml
 
 from stages import Interrupted, PipelineError
 from stages.config import Params, as_flat_dict
+from stages.data import IMAGE_SHAPE, NUM_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_MD5_TAG = "dvc.model_md5"
@@ -184,11 +185,10 @@ def run_name(params: Params, tags: dict[str, str]) -> str:
     `repro-<commit>[+dirty]-lr0.1-bs256-ep10-<hash of every training param>`."""
     if tags.get("dvc.exp_name"):
         return tags["dvc.exp_name"]
-    cfg = params.train
     commit = tags.get("git.commit", "nogit")[:7] + ("+dirty" if tags.get("git.dirty") == "true" else "")
     train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
     digest = hashlib.sha256(json.dumps(train_keys, sort_keys=True, default=str).encode()).hexdigest()[:6]
-    return f"repro-{commit}-lr{cfg.lr:g}-bs{cfg.batch_size}-ep{cfg.num_epochs}-{digest}"
+    return f"repro-{commit}-lr{params.lr:g}-bs{params.batch_size}-ep{params.num_epochs}-{digest}"
 
 
 # MLflow's experiment kind says "model training, not GenAI". MLflow 3.17's UI still opens on its
@@ -312,8 +312,8 @@ class Run:
 
         served = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).cpu().eval()
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
         )
         with (
             _one_line_errors(self.uri, "failed logging the model"),

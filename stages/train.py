@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stages import PipelineError, check_interrupt, determinism, files, run_stage, tracking
-from stages.config import ConfigError, TrainConfig, load_params
+from stages.config import ConfigError, Params, load_params
 from stages.data import load_split, verify_dir
 
 
@@ -29,7 +29,7 @@ class DivergedError(PipelineError):
 DIVERGED_LOSS = 100 * math.log(10)
 
 
-def split_validation(n: int, cfg: TrainConfig):
+def split_validation(n: int, cfg: Params):
     """Indices (train, val): `val_size` examples carved off the training set by `val_seed`."""
     import torch
 
@@ -84,9 +84,7 @@ def train_epoch(model, loss_fn, optimizer, inputs, labels, batch_size: int, gene
     return loss_sum / len(labels), correct / len(labels)
 
 
-def fit(
-    model, train_set, eval_set, cfg: TrainConfig, eval_name: str = "test_acc", progress: bool = True, on_epoch=None
-):
+def fit(model, train_set, eval_set, cfg: Params, eval_name: str = "test_acc", progress: bool = True, on_epoch=None):
     """Train for cfg.num_epochs (or until `patience` epochs pass without a better eval accuracy).
     `on_epoch(row)` sees each epoch's history row as it ends (MLflow logs it with its real time).
 
@@ -131,15 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-info", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params()  # before any heavy import: a bad value costs a fraction of a second
-    cfg = params.train
-    determinism.apply(cfg.determinism)
+    determinism.apply(params.determinism)
 
     import torch
 
     from stages.model import build_model, checkpoint_bytes, resolve_device, to_inputs
 
-    determinism.threads(cfg.determinism)
-    device = resolve_device(cfg.device)
+    determinism.threads(params.determinism)
+    device = resolve_device(params.device)
     if device.type == "cuda":  # the CPU kernels used here are deterministic already
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -154,18 +151,18 @@ def main(argv: list[str] | None = None) -> None:
             images, labels = images[index], labels[index]
         return images.to(device), labels.to(device)
 
-    train_idx, val_idx = split_validation(len(train_labels), cfg)
+    train_idx, val_idx = split_validation(len(train_labels), params)
     train_set = on_device(train_images, train_labels, train_idx)
     if val_idx is not None:  # the test set stays untouched until the evaluate stage
         eval_set, eval_name = on_device(train_images, train_labels, val_idx), "val_acc"
     else:
         eval_set, eval_name = on_device(test_images, test_labels), "test_acc"
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.init_std).to(device)
+    torch.manual_seed(params.seed)
+    model = build_model(params.init_std).to(device)
     with tracking.training_run(params, data_sha256=data_sha256) as run, files.Outputs() as out:
-        history, kept_epoch = fit(model, train_set, eval_set, cfg, eval_name, on_epoch=run.log_epoch)
-        checkpoint = checkpoint_bytes(model, cfg.model_dump(), kept_epoch=kept_epoch)
+        history, kept_epoch = fit(model, train_set, eval_set, params, eval_name, on_epoch=run.log_epoch)
+        checkpoint = checkpoint_bytes(model, params.hyperparameters(), kept_epoch=kept_epoch)
         model_md5 = hashlib.md5(checkpoint).hexdigest()
         history_json = (json.dumps(history, indent=2) + "\n").encode()
         run.log_training(history, kept_epoch, history_json)

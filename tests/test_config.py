@@ -21,7 +21,7 @@ def with_changes(**changes) -> dict:
 
 def test_defaults_are_the_books():
     p = parse_params(default_params())
-    assert (p.train.lr, p.train.batch_size, p.train.num_epochs, p.train.init_std) == (0.1, 256, 10, 0.01)
+    assert (p.lr, p.batch_size, p.num_epochs, p.init_std) == (0.1, 256, 10, 0.01)
     assert "/usr/share/datasets/fashion-mnist" in p.data.local_dirs
     assert all(url.startswith("https://") for url in p.data.mirrors)
 
@@ -30,7 +30,7 @@ def test_defaults_are_the_books():
 def test_numbers_people_write_are_numbers(text, expected):
     # PyYAML reads 1e-3 (no dot) as a string.
     raw = yaml.safe_load(f"lr: {text}")["lr"]
-    assert parse_params(with_changes(lr=raw)).train.lr == expected
+    assert parse_params(with_changes(lr=raw)).lr == expected
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ def test_stage_stops_on_bad_params_before_importing_torch(tmp_path, stage, case)
 def test_seeds_stop_at_what_torch_accepts(key):
     import torch
 
-    assert parse_params(with_changes(**{key: 2**64 - 1})).train.model_dump()[key] == 2**64 - 1
+    assert parse_params(with_changes(**{key: 2**64 - 1})).model_dump()[key] == 2**64 - 1
     torch.manual_seed(2**64 - 1)  # the largest seed we allow is one torch takes...
     with pytest.raises(ConfigError) as err:
         parse_params(with_changes(**{key: 2**64}))
@@ -139,7 +139,7 @@ def test_seeds_stop_at_what_torch_accepts(key):
 
 
 def test_determinism_is_portable_or_fast():
-    assert parse_params(with_changes(determinism="fast")).train.determinism == "fast"
+    assert parse_params(with_changes(determinism="fast")).determinism == "fast"
     with pytest.raises(ConfigError, match="determinism: 'slow' is not allowed; expected one of 'portable', 'fast'$"):
         parse_params(with_changes(determinism="slow"))
 
@@ -207,8 +207,8 @@ def test_mirror_credentials_are_refused_without_echoing_them():
 def test_config_objects_are_frozen_and_copyable():
     p = parse_params(default_params())
     with pytest.raises(ValueError, match="frozen"):
-        p.train.lr = 0.5
-    assert p.train.model_copy(update={"lr": 0.5}).lr == 0.5 and p.train.lr == 0.1
+        p.lr = 0.5
+    assert p.model_copy(update={"lr": 0.5}).lr == 0.5 and p.lr == 0.1
     flat = as_flat_dict(p)
     assert flat["lr"] == 0.1 and flat["tracking.experiment"] == "fashion-mnist-softmax"
     assert flat["data.mirrors"] == list(p.data.mirrors) and "train.lr" not in flat

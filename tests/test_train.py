@@ -10,7 +10,7 @@ from tests.helpers import default_params, synthetic_split
 
 
 def tiny_config(**changes):
-    cfg = parse_params(default_params()).train
+    cfg = parse_params(default_params())
     return cfg.model_copy(update={"num_epochs": 2, "batch_size": 64, **changes})
 
 
