@@ -75,6 +75,7 @@ def screenshots(url: str, out: Path) -> None:
         page.goto(f"{runs_page}&compareRunsMode=CHART")
         for chart in range(3):  # the three epoch/* charts, drawn once their data arrives
             page.get_by_text("Step", exact=True).nth(chart).wait_for(timeout=120_000)
+        page.mouse.move(VIEWPORT["width"] - 1, VIEWPORT["height"] - 1)  # no hover toolbar over a chart
         page.wait_for_timeout(1000)
         page.screenshot(path=out / "compare.png")
         browser.close()
