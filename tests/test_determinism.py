@@ -44,18 +44,15 @@ def train_as_user(project: Path, threads: int, capability: str, evaluate: bool =
 
 def test_portable_bytes_are_the_same_for_every_thread_count_and_capability(tiny_project):
     run([DVC, "repro", "download"], tiny_project)
-    combos = [(threads, cap) for threads in (1, 2) for cap in offered_capabilities()]
-    assert len(combos) >= 4
-    results = {
-        combo: train_as_user(tiny_project, *combo, evaluate=combo in (combos[0], combos[-1])) for combo in combos
-    }
-    reference = results[combos[0]]
-    for combo, digests in results.items():
-        assert digests == {path: reference[path] for path in digests}, combo
+    # Opposite corners: one thread and the plainest kernels; two threads and the widest this CPU has.
+    corners = [(1, "default"), (2, offered_capabilities()[-1])]
+    assert corners[1][1] != "default", "this CPU offers no vector kernels to compare against"
+    reference, other = (train_as_user(tiny_project, *corner, evaluate=True) for corner in corners)
+    assert other == reference
 
-    # The same combinations in `fast` mode do differ: the test above is not passing by luck.
+    # The same corners in `fast` mode do differ: the test above is not passing by luck.
     set_determinism(tiny_project, "fast")
-    fast = {train_as_user(tiny_project, *combo)["models/model.pt"] for combo in (combos[0], combos[-1])}
+    fast = {train_as_user(tiny_project, *corner)["models/model.pt"] for corner in corners}
     assert len(fast) == 2
 
     # A `--temp` experiment (as queued ones, it runs in a copy under .dvc/tmp) trains the same bytes.

@@ -21,8 +21,10 @@ def ui(tmp_path_factory, tiny_source):
     run([DVC, "exp", "run", "-n", "slow-lr", "-S", "lr=0.01"], project)
     port = free_port()
     cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"]
-    server = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], env=cli_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # One worker and no job runner (the default is 4 + 7): less load on the tests running beside this one.
+    env = cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(f"http://127.0.0.1:{port}/health", server)
         yield project, f"http://127.0.0.1:{port}"
