@@ -12,6 +12,8 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
+
 from stages import PipelineError, check_interrupt, determinism, files, run_stage, tracking
 from stages.config import as_flat_dict, load_params
 from stages.data import CLASSES, load_split
@@ -94,7 +96,6 @@ def draw_confusion(actual, predicted) -> bytes:
 def draw_misclassified(images_u8, actual, predicted, probabilities, limit: int) -> bytes:
     """The first `limit` misclassified test images, each captioned with truth and prediction."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     wrong = np.flatnonzero(predicted != actual)[:limit]
     rows = max(1, -(-len(wrong) // MOSAIC_COLUMNS))

@@ -14,6 +14,7 @@ import argparse
 
 from stages import PipelineError, run_stage
 from stages.config import load_params
+from stages.tracking import CHAMPION, import_mlflow, one_line_errors, redacted, tracking_uri
 
 
 class PromoteError(PipelineError):
@@ -41,15 +42,13 @@ def find_run(client, experiment_id: str, target: str):
 
 
 def promote(target: str) -> str:
-    from stages.tracking import CHAMPION, _one_line_errors, import_mlflow, redacted, tracking_uri
-
     params = load_params()
     uri = tracking_uri()
     mlflow = import_mlflow()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     name = params.tracking.registered_model
-    with _one_line_errors(uri, "is not usable"):
+    with one_line_errors(uri, "is not usable"):
         experiment = client.get_experiment_by_name(params.tracking.experiment)
         run = find_run(client, experiment.experiment_id, target) if experiment else None
         if run is None:

@@ -241,7 +241,7 @@ class TrackingError(PipelineError):
 
 
 @contextlib.contextmanager
-def _one_line_errors(uri: str, doing: str):
+def one_line_errors(uri: str, doing: str):
     """MLflow's errors as the one line a user needs: which store, doing what, and why."""
     try:
         yield
@@ -275,7 +275,7 @@ class Run:
 
     def log_epoch(self, row: dict) -> None:
         """One epoch's row of the history, as it ends: the UI's time axes show when it happened."""
-        with _one_line_errors(self.uri, "failed logging an epoch"), _store_lock(self.uri):
+        with one_line_errors(self.uri, "failed logging an epoch"), _store_lock(self.uri):
             self.client.log_batch(self.run_id, metrics=self._curve(row, int(time.time() * 1000)))
         self.epochs_logged.add(row["epoch"])
 
@@ -286,7 +286,7 @@ class Run:
         now = int(time.time() * 1000)
         metrics = [m for row in history if row["epoch"] not in self.epochs_logged for m in self._curve(row, now)]
         metrics.append(Metric("kept_epoch", float(kept_epoch), now, 0))
-        with _one_line_errors(self.uri, "failed logging the training"), _store_lock(self.uri):
+        with one_line_errors(self.uri, "failed logging the training"), _store_lock(self.uri):
             self.client.log_batch(self.run_id, metrics=metrics)
             self.log_files({"history.json": history_json})
 
@@ -299,7 +299,7 @@ class Run:
 
     def link_model(self, model_md5: str) -> None:
         """Tag the run with the md5 DVC records for the model file: evaluate finds the run by it."""
-        with _one_line_errors(self.uri, "failed tagging the run"), _store_lock(self.uri):
+        with one_line_errors(self.uri, "failed tagging the run"), _store_lock(self.uri):
             self.client.set_tag(self.run_id, MODEL_MD5_TAG, model_md5)
 
     def log_model(self, model, example) -> None:
@@ -316,7 +316,7 @@ class Run:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
         )
         with (
-            _one_line_errors(self.uri, "failed logging the model"),
+            one_line_errors(self.uri, "failed logging the model"),
             _store_lock(self.uri),
             self.mlflow.start_run(run_id=self.run_id, nested=False),
         ):
@@ -338,7 +338,7 @@ class Run:
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        with _one_line_errors(self.uri, "failed logging the evaluation"), _store_lock(self.uri):
+        with one_line_errors(self.uri, "failed logging the evaluation"), _store_lock(self.uri):
             model_id = self._logged_model_id()
             self.client.log_batch(
                 self.run_id,
@@ -366,7 +366,7 @@ class Run:
     def update_champion(self, test_acc: float) -> str:
         """Move the `champion` alias to this run's version if it beats the champion's test accuracy;
         returns the one line that says what happened."""
-        with _one_line_errors(self.uri, "failed updating the champion"), _store_lock(self.uri):
+        with one_line_errors(self.uri, "failed updating the champion"), _store_lock(self.uri):
             version = self.registered_version()
             if version is None:
                 return "champion: unchanged (this run has no registered model version)"
@@ -440,7 +440,7 @@ def training_run(params: Params, data_sha256: str):
     uri = tracking_uri()
     _check_local_store(uri)
     mlflow = import_mlflow()
-    with _one_line_errors(uri, "is not usable"), _store_lock(uri):
+    with one_line_errors(uri, "is not usable"), _store_lock(uri):
         mlflow.set_tracking_uri(uri)
         experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
         client = mlflow.MlflowClient()
@@ -464,7 +464,7 @@ def evaluation_run(params: Params, model_md5: str):
     uri = tracking_uri()
     _check_local_store(uri)
     mlflow = import_mlflow()
-    with _one_line_errors(uri, "is not usable"), _store_lock(uri):
+    with one_line_errors(uri, "is not usable"), _store_lock(uri):
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient()
         experiment_id = _experiment_id(mlflow, params.tracking.experiment, uri)
