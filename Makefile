@@ -5,12 +5,12 @@ DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: pipeline test setup ui serve bench
+.PHONY: pipeline test setup test-packages ui serve bench
 
 pipeline: setup  ## set up, then run download -> train -> evaluate
 	dvc repro
 
-test: setup  ## set up, then run every test (unit and end-to-end)
+test: setup test-packages  ## set up, then run every test (unit and end-to-end)
 	pytest
 
 ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only)
@@ -35,6 +35,18 @@ $(STAMP): pyproject.toml
 	python3.11 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
+
+# What the tests start on loopback and nothing on PyPI provides: an OpenSSH server (an SSH remote),
+# PostgreSQL (a team's MLflow store) and Chromium (the MLflow UI test). Installed once, from Debian.
+TEST_PACKAGES := openssh-server postgresql chromium
+test-packages:
+	@missing=$$(for p in $(TEST_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 # Debian/Ubuntu ship Fashion-MNIST; elsewhere the download stage falls back to HTTPS mirrors.
 $(DATA):
