@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -310,9 +311,10 @@ def s3_server():
         proc = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=log)
         try:
             wait_for(f"{endpoint}/moto-api/", proc)
+            throwaway = secrets.token_hex(8)  # until auth is enforced below, moto takes any key
             iam = boto3.client(
                 "iam", endpoint_url=endpoint, region_name="us-east-1",
-                aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap",
+                aws_access_key_id=throwaway, aws_secret_access_key=throwaway,
             )  # fmt: skip
             iam.create_user(UserName="team")
             key = iam.create_access_key(UserName="team")["AccessKey"]
