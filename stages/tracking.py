@@ -180,14 +180,18 @@ def source_tags(data_sha256: str, stage_script: str) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
+def training_params(params: Params) -> dict:
+    """Every param that shapes the model (all but `evaluate.*`): logged on the run, hashed in its name."""
+    return {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
+
+
 def run_name(params: Params, tags: dict[str, str]) -> str:
     """A DVC experiment's own name; for a plain `dvc repro`, a name that says what the run is:
     `repro-<commit>[+dirty]-lr0.1-bs256-ep10-<hash of every training param>`."""
     if tags.get("dvc.exp_name"):
         return tags["dvc.exp_name"]
     commit = tags.get("git.commit", "nogit")[:7] + ("+dirty" if tags.get("git.dirty") == "true" else "")
-    train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
-    digest = hashlib.sha256(json.dumps(train_keys, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    digest = hashlib.sha256(json.dumps(training_params(params), sort_keys=True, default=str).encode()).hexdigest()[:6]
     return f"repro-{commit}-lr{params.lr:g}-bs{params.batch_size}-ep{params.num_epochs}-{digest}"
 
 
@@ -447,8 +451,8 @@ def training_run(params: Params, data_sha256: str):
         fail_abandoned_runs(client, experiment_id)
         tags = source_tags(data_sha256, "stages/train.py")
         info = client.create_run(experiment_id, run_name=run_name(params, tags), tags=tags).info
-        train_keys = {k: v for k, v in as_flat_dict(params).items() if not k.startswith("evaluate.")}
-        client.log_batch(info.run_id, params=[mlflow_param(k, v) for k, v in train_keys.items()])
+        logged = [mlflow_param(k, v) for k, v in training_params(params).items()]
+        client.log_batch(info.run_id, params=logged)
     run = Run(mlflow, info.run_id, uri, params.tracking.registered_model)
     with _ending(run):
         yield run
