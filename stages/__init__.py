@@ -5,8 +5,12 @@ culprit; `run_stage` is the one place that turns it into the `error:` line and t
 """
 
 import gc
+import logging
 import signal
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the project: params.yaml, dvc.yaml, the default store
 
 
 class PipelineError(Exception):
@@ -34,8 +38,24 @@ def check_interrupt() -> None:
         raise Interrupted(f"interrupted by {_SIGNAL_NAMES.get(_received[0], f'signal {_received[0]}')}")
 
 
+class _ConsoleHandler(logging.Handler):
+    """Library modules' messages as plain lines: news on stdout, warnings (and worse) on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
+
+
+def _log_to_console() -> None:
+    logger = logging.getLogger(__name__)
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run_stage(main) -> None:
     """Run a stage's main() as a program: a failure ends it with one `error:` line, not a traceback."""
+    _log_to_console()
     for signum in _SIGNAL_NAMES:
         signal.signal(signum, _record)
     try:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import PipelineError, run_stage
-from stages.data import CLASSES, DataError, load_split
+from stages import ROOT, PipelineError, run_stage
+from stages.data import CLASSES, load_split
 
-ROOT = Path(__file__).resolve().parents[1]
 # Checked from the file's header before any pixel is decoded: a 165 KB palette PNG can declare
 # 13000x13000 pixels (2.2 GB decoded). 50 megapixels covers phone photos and keeps decoding
 # and conversion under about 0.5 GB.
@@ -98,12 +97,10 @@ def registered_model_uri(name: str, version_or_alias: str) -> str:
 
 def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.ndarray) -> np.ndarray:
     """The registered MLflow model already ends in a softmax."""
-    from stages.tracking import import_mlflow, redacted, tracking_uri
+    from stages.tracking import connect, redacted
 
-    mlflow = import_mlflow()
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    store = connect()
+    mlflow, client = store.mlflow, store.client
     model_uri = registered_model_uri(name, version_or_alias)
     try:
         if version_or_alias.isdigit():
@@ -111,12 +108,12 @@ def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.nd
         elif version_or_alias != "latest":
             client.get_model_version_by_alias(name, version_or_alias)
     except mlflow.exceptions.MlflowException:
-        raise ModelError(f"{model_uri}: no such version or alias; {_known_versions(mlflow, name)}") from None
+        raise ModelError(f"{model_uri}: no such version or alias; {_known_versions(store, name)}") from None
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except mlflow.exceptions.MlflowException as e:
         reason = str(e).strip().splitlines()[0][:300]
-        raise ModelError(redacted(f"{model_uri}: cannot load it from {uri}: {reason}")) from None
+        raise ModelError(redacted(f"{model_uri}: cannot load it from {store.uri}: {reason}")) from None
     import torch  # loading the model imported it already
 
     from stages.model import to_inputs
@@ -124,13 +121,12 @@ def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.nd
     return np.asarray(model.predict(to_inputs(torch.from_numpy(images_u8)).numpy()))
 
 
-def _known_versions(mlflow, name: str) -> str:
+def _known_versions(store, name: str) -> str:
     """What the user could have asked for instead."""
-    client = mlflow.MlflowClient()
     try:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        aliases = sorted(client.get_registered_model(name).aliases)
-    except mlflow.exceptions.MlflowException:
+        versions = sorted(int(v.version) for v in store.client.search_model_versions(f"name='{name}'"))
+        aliases = sorted(store.client.get_registered_model(name).aliases)
+    except store.mlflow.exceptions.MlflowException:
         return f"no registered model {name!r} in this store (run the pipeline first)"
     listed = f"versions {', '.join(map(str, versions))}" if versions else "no versions"
     return listed + (f"; aliases {', '.join(aliases)}" if aliases else "; no aliases")
@@ -156,10 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         names.append(str(path))
         truth.append(None)
     if args.test_index:
-        try:
-            test_images, test_labels = load_split(args.data, "test")
-        except DataError as e:
-            raise ImageError(str(e)) from None
+        test_images, test_labels = load_split(args.data, "test")
         for i in args.test_index:
             if not 0 <= i < len(test_labels):
                 raise ImageError(f"--test-index {i}: the test set has images 0..{len(test_labels) - 1}")
@@ -172,12 +165,7 @@ def main(argv: list[str] | None = None) -> None:
 
         probabilities = probabilities_from_mlflow(load_params().tracking.registered_model, args.mlflow, batch)
     else:
-        from stages.model import CheckpointError
-
-        try:
-            probabilities = probabilities_from_checkpoint(args.model, batch)
-        except CheckpointError as e:
-            raise ImageError(str(e)) from None
+        probabilities = probabilities_from_checkpoint(args.model, batch)
     for name, true, probs in zip(names, truth, probabilities, strict=True):
         ranked = ", ".join(f"{cls} {p:.1%}" for cls, p in top_k(probs, args.top))
         print(f"{name}: {ranked}" + (f"  (true: {true})" if true else ""))

@@ -140,9 +140,9 @@ def test_interrupted_training_keeps_the_previous_model_and_marks_the_run_killed(
 # wherever Python happened to be was swallowed by SQLAlchemy's finalizers (7 times in 13).
 SIGNAL_AS_THE_RUN_OPENS = """
 import os, signal, sys
-import stages.tracking as tracking
+import stages.tracking.store as store
 
-real_import = tracking.import_mlflow
+real_import = store.import_mlflow
 
 def import_mlflow_and_signal_on_create_run():
     mlflow = real_import()
@@ -155,7 +155,7 @@ def import_mlflow_and_signal_on_create_run():
     mlflow.MlflowClient.create_run = create_run_after_a_signal
     return mlflow
 
-tracking.import_mlflow = import_mlflow_and_signal_on_create_run
+store.import_mlflow = import_mlflow_and_signal_on_create_run
 from stages import run_stage
 from stages.train import main
 sys.argv = {argv!r}
