@@ -128,7 +128,7 @@ def run_stage(main, entry_point: bool = False) -> None:
         _fail("interrupted by Ctrl-C; outputs stay the previous complete ones")
     except BrokenPipeError:  # `| head -0`: whoever read our output has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush is quiet
-        _fail("stdout was closed (broken pipe); outputs stay the previous complete ones")
+        _fail("stdout was closed (broken pipe)")
     if _received:  # after the last safe point: the outputs are complete, but the user asked to stop
         _fail(f"interrupted by {_SIGNAL_NAMES.get(_received[0], 'a signal')} after the outputs were written")
     # Interpreter teardown would spend ~2 s walking torch's and MLflow's object graph; the
