@@ -91,6 +91,12 @@ def find_project(start: Path | None = None) -> Path:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its usage errors as one `error:` line (it prints the usage and its own form)."""
 
+    def __init__(self, **kwargs):
+        script = Path(sys.argv[0])
+        if script.parent == CODE_ROOT / "stages":  # `python -m stages.x`, not `x.py`
+            kwargs.setdefault("prog", f"python -m stages.{script.stem}")
+        super().__init__(**kwargs)
+
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
