@@ -417,3 +417,22 @@ def test_a_closed_stdout_is_one_line_not_a_traceback(trained):
     assert reader_gone.returncode == 1
     assert reader_gone.stderr.strip().splitlines()[-1] == "error: stdout was closed (broken pipe)"
     assert "Traceback" not in reader_gone.stderr
+
+
+def test_installed_commands_use_the_project_they_are_run_in(trained, tmp_path):
+    """This checkout's `fmnist-predict`/`fmnist-promote`, run inside another clone, use that clone's
+    model, data and store, and say so; outside any project they refuse in one line."""
+    inside = trained / "reports"  # any directory of the project
+    same = run(["python", "-m", "stages.predict", "--test-index", "0", "3"], trained)  # the clone's own code
+    predicted = run(["fmnist-predict", "--test-index", "0", "3"], inside)
+    assert predicted.stdout == same.stdout
+    assert predicted.stderr.splitlines() == [f"project: {trained}"]
+    promoted = run(["fmnist-promote", "no-such-experiment"], inside, check=False)
+    assert promoted.returncode == 1
+    assert f"in sqlite:///{trained}/mlflow.db" in error_line(promoted)
+    for command in (["fmnist-predict", "--test-index", "0"], ["fmnist-promote", "x"]):
+        outside = run(command, tmp_path, check=False)
+        assert outside.returncode == 1
+        assert outside.stderr.splitlines() == [
+            f"error: {tmp_path}: not inside a project (no directory above it has dvc.yaml and params.yaml)"
+        ]
