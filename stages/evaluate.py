@@ -6,18 +6,17 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
 
-from stages import PipelineError, check_interrupt, determinism, files, run_stage, tracking
+from stages import ArgumentParser, PipelineError, check_interrupt, determinism, files, run_stage, tracking
 from stages.config import load_params
 from stages.data import load_split
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True)

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import yaml
 
-from stages import ROOT
+from stages import CODE_ROOT
 
 HOST_TAG, PID_TAG = "process.host", "process.pid"
 
 
 def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=CODE_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def dvc_outputs(project: Path = ROOT) -> list[str]:
+def dvc_outputs(project: Path = CODE_ROOT) -> list[str]:
     """Every path a stage in dvc.yaml writes: DVC deletes them before the stage runs."""
     try:
         stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages", {})

@@ -15,7 +15,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import ROOT, PipelineError
+from stages import PipelineError, project_root
 
 # Offline by default, and fail fast: MLflow's HTTP client otherwise retries for minutes.
 _ENV_DEFAULTS = {
@@ -30,13 +30,14 @@ class TrackingError(PipelineError):
     """The tracking store failed; the message names the store (password redacted) and the reason."""
 
 
-def store_root(project_root: Path = ROOT) -> Path:
-    """The project whose store this run belongs to.
+def store_root(project: Path | None = None) -> Path:
+    """The project whose store this run belongs to (by default the one `project_root()` names).
 
     Queued and --temp experiments run in a copy under <project>/.dvc/tmp/exps/ that DVC deletes
     afterwards; their runs must land in <project>'s store, not the copy's."""
-    parts = project_root.parts
-    return Path(*parts[: parts.index(".dvc")]) if ".dvc" in parts else project_root
+    project = project or project_root()
+    parts = project.parts
+    return Path(*parts[: parts.index(".dvc")]) if ".dvc" in parts else project
 
 
 def tracking_uri() -> str:
