@@ -39,16 +39,19 @@ def main(argv: list[str] | None = None) -> None:
     determinism.threads(params.determinism)
     model, _ = load_checkpoint(args.model)
     images, labels = load_split(args.data, "test")
-    with tracking.evaluation_run(params, model_md5) as run, files.Outputs() as out:
-        logits = reports.predict(model, torch.from_numpy(images), settings.batch_size)
-        metrics, outputs = reports.report_files(
-            history, logits, torch.from_numpy(labels).long(), images, settings.misclassified_grid
-        )
+    with tracking.evaluation_run(params, model_md5) as run:
+        with files.Outputs() as out:
+            logits = reports.predict(model, torch.from_numpy(images), settings.batch_size)
+            metrics, outputs = reports.report_files(
+                history, logits, torch.from_numpy(labels).long(), images, settings.misclassified_grid
+            )
+            for name, data in outputs.items():
+                out.write_bytes(args.out / name, data)
+            check_interrupt()
+        # Only once the files are out (MLflow follows DVC): a failure here leaves the run's
+        # `evaluation.status` tag "incomplete".
         run.log_evaluation(metrics, params.evaluation_settings(), outputs)
         champion = run.update_champion(metrics["test_acc"])
-        for name, data in outputs.items():
-            out.write_bytes(args.out / name, data)
-        check_interrupt()
     print(outputs["classification_report.txt"].decode())
     print(f"test_acc {metrics['test_acc']:.4f}  test_loss {metrics['test_loss']:.4f}  (MLflow run {run.run_id})")
     print(champion)

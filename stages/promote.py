@@ -13,7 +13,7 @@ from __future__ import annotations
 from stages import ArgumentParser, PipelineError, run_stage
 from stages.config import load_params
 from stages.tracking import CHAMPION, connect, redacted
-from stages.tracking.champion import current_champion, newest_version
+from stages.tracking.champion import CHOSEN_BY_HAND_TAG, current_champion, newest_version
 
 
 class PromoteError(PipelineError):
@@ -56,10 +56,17 @@ def promote(target: str) -> str:
         version = newest_version(client, run.info.run_id)
         if version is None:
             raise PromoteError(f"{target!r}: run {run.info.run_id} registered no version of {name}")
+        if "test_acc" not in version.tags:
+            raise PromoteError(
+                f"{target!r}: version {version.version} of {name} was never evaluated; "
+                "run its evaluation first (dvc repro, or dvc exp apply then dvc repro evaluate)"
+            )
         champion = current_champion(client, name)
         before = champion.version if champion else None
+        newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        client.set_registered_model_tag(name, CHOSEN_BY_HAND_TAG, str(newest))
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    accuracy = version.tags.get("test_acc", "not evaluated")
+    accuracy = version.tags["test_acc"]
     was = f"was version {before}" if before else "there was none"
     return f"champion: {name} version {version.version} (run {run.info.run_name}, test_acc {accuracy}); {was}"
 

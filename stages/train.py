@@ -32,22 +32,24 @@ def main(argv: list[str] | None = None) -> None:
     data = training.load_datasets(args.data, params, device)
     data_sha256 = verify_dir(args.data)  # after the shape and range checks, whose messages say more
     model = training.new_model(params, device)
-    with tracking.training_run(params, data_sha256=data_sha256) as run, files.Outputs() as out:
-        history, kept_epoch = training.fit(
-            model, data.train, data.eval, params, eval_name=data.eval_name, on_epoch=run.log_epoch
-        )
-        checkpoint = checkpoint_bytes(model, params.hyperparameters(), kept_epoch=kept_epoch)
-        model_md5 = hashlib.md5(checkpoint).hexdigest()
-        history_json = files.json_bytes(history)
-        run.log_training(history, kept_epoch, history_json)
-        run.log_model(model, data.example)
-        run.tag_model_md5(model_md5)
-        # Only what the same params and data reproduce: no run id, so a rerun leaves dvc.lock as it was.
-        run_info = {"epochs_run": len(history), "kept_epoch": kept_epoch, "model_md5": model_md5}
-        out.write_bytes(args.model, checkpoint)
-        out.write_bytes(args.history, history_json)
-        out.write_json(args.run_info, run_info)
-        check_interrupt()  # the last safe point: after it, all three files move into place together
+    with tracking.training_run(params, data_sha256=data_sha256) as run:
+        with files.Outputs() as out:
+            history, kept_epoch = training.fit(
+                model, data.train, data.eval, params, eval_name=data.eval_name, on_epoch=run.log_epoch
+            )
+            checkpoint = checkpoint_bytes(model, params.hyperparameters(), kept_epoch=kept_epoch)
+            model_md5 = hashlib.md5(checkpoint).hexdigest()
+            history_json = files.json_bytes(history)
+            run.log_training(history, kept_epoch, history_json)
+            run.log_model(model, data.example)
+            run.tag_model_md5(model_md5)
+            # Only what the same params and data reproduce: no run id, so a rerun leaves dvc.lock as it was.
+            run_info = {"epochs_run": len(history), "kept_epoch": kept_epoch, "model_md5": model_md5}
+            out.write_bytes(args.model, checkpoint)
+            out.write_bytes(args.history, history_json)
+            out.write_json(args.run_info, run_info)
+            check_interrupt()  # the last safe point: after it, all three files move into place together
+        run.register_model()  # only once the files are out: MLflow follows DVC
     kept = history[kept_epoch - 1][data.eval_name]
     print(f"saved {args.model} (epoch {kept_epoch}: {data.eval_name} {kept:.4f}); MLflow run {run.run_id}")
 

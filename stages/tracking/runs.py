@@ -26,11 +26,12 @@ from stages.config import Params, mlflow_value
 from stages.data import IMAGE_SHAPE, NUM_CLASSES
 from stages.tracking.champion import consider_champion, newest_version
 from stages.tracking.provenance import HOST_TAG, PID_TAG, source_tags
-from stages.tracking.store import Store, connect, is_local_store, redacted, store_lock, store_root
+from stages.tracking.store import Store, TrackingError, connect, is_local_store, redacted, store_root
 
 log = logging.getLogger(__name__)
 
 MODEL_MD5_TAG = "dvc.model_md5"
+EVALUATION_TAG = "evaluation.status"  # incomplete while an evaluation is being logged, then complete
 CURVE_PREFIX = "epoch/"  # per-epoch curves; the final evaluation keeps metrics.json's keys
 EXPERIMENT_DESCRIPTION = """\
 Softmax regression on Fashion-MNIST (Dive into Deep Learning 3.7) as a DVC pipeline:
@@ -105,6 +106,7 @@ class Run:
         self.client = store.client
         self.registered_model = registered_model
         self.epochs_logged: set[int] = set()
+        self.model_id: str | None = None
 
     @staticmethod
     def _curve(row: dict, timestamp_ms: int) -> list:
@@ -134,7 +136,7 @@ class Run:
             self.log_files({"history.json": history_json})
 
     def log_files(self, files: dict[str, bytes], artifact_path: str | None = None) -> None:
-        """Artifacts from memory: the stage publishes its outputs only after MLflow has them."""
+        """Artifacts from memory: the same bytes the stage writes as its outputs."""
         with tempfile.TemporaryDirectory(prefix="mlflow-artifacts-") as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
@@ -147,7 +149,7 @@ class Run:
 
     def log_model(self, model, example) -> None:
         """The model plus a softmax, so MLflow serves class probabilities for a batch of
-        28x28 float images in [0, 1]; registered under `tracking.registered_model`.
+        28x28 float images in [0, 1]; `register_model` registers it once the stage's files are out.
 
         The logged model is created here, for this run, and handed to MLflow with the run's id:
         no active run is opened (see the module's docstring)."""
@@ -166,6 +168,7 @@ class Run:
             logged = self.client.create_logged_model(
                 run.info.experiment_id, name="model", source_run_id=self.run_id, params=run.data.params
             )
+            self.model_id = logged.model_id
             self.store.mlflow.pytorch.log_model(
                 served,
                 name="model",
@@ -173,9 +176,14 @@ class Run:
                 run_id=self.run_id,
                 signature=signature,
                 input_example=example.numpy(),
-                registered_model_name=self.registered_model,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
+
+    def register_model(self) -> None:
+        """A new version of `tracking.registered_model`: called after the stage has published its
+        files, so a version never exists for a model that is not in models/ (MLflow follows DVC)."""
+        with self.store.operation("failed registering the model"):
+            self.store.mlflow.register_model(f"models:/{self.model_id}", self.registered_model)
 
     def log_evaluation(self, metrics: dict, settings: dict, artifacts: dict[str, bytes]) -> None:
         """Evaluation settings go in as tags, not params: a training run may be evaluated again
@@ -187,6 +195,8 @@ class Run:
 
         now = int(time.time() * 1000)
         with self.store.operation("failed logging the evaluation"):
+            # Marks the run until the champion step is done: an evaluation cut short says so.
+            self.client.set_tag(self.run_id, EVALUATION_TAG, "incomplete")
             model_id = self._logged_model_id()
             self.client.log_batch(
                 self.run_id,
@@ -212,13 +222,18 @@ class Run:
         with self.store.operation("failed updating the champion"):
             version = newest_version(self.client, self.run_id)
             if version is None:
-                return "champion: unchanged (this run has no registered model version)"
-            return consider_champion(self.client, version, test_acc)
+                line = "champion: unchanged (this run has no registered model version)"
+            else:
+                line = consider_champion(self.client, version, test_acc)
+            self.client.set_tag(self.run_id, EVALUATION_TAG, "complete")
+        return line
 
 
 @contextlib.contextmanager
 def _ended_with_the_stage(run: Run):
-    """End the run FINISHED, FAILED on error, KILLED on Ctrl-C or SIGTERM: never left RUNNING."""
+    """End the run FINISHED, FAILED on error, KILLED on Ctrl-C or SIGTERM: never left RUNNING while
+    the store answers. When it does not (a server gone mid-stage), the stage's own error is the one
+    line; the next stage on this host marks the run FAILED (`fail_abandoned_runs`)."""
     status = "FINISHED"
     try:
         yield run
@@ -230,10 +245,12 @@ def _ended_with_the_stage(run: Run):
         raise
     finally:
         try:
-            with store_lock(run.store.uri):
+            with run.store.operation(f"failed marking run {run.run_id} {status}"):
                 run.client.set_terminated(run.run_id, status)
-        except Exception as e:  # the original error matters more than this one
-            log.warning(redacted(f"warning: could not mark MLflow run {run.run_id} {status}: {e}"))
+        except TrackingError:
+            if status == "FINISHED":  # the stage's one error, then
+                raise
+            # else the original error matters more: it is the one line
 
 
 @contextlib.contextmanager

@@ -1,0 +1,106 @@
+"""The champion on a team's shared server (a real `mlflow server` with basic auth, reached with the
+password in MLFLOW_TRACKING_URI): a version never evaluated cannot be made champion."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import (
+    all_runs,
+    client_for,
+    make_project,
+    mlflow_server,
+    run,
+    shrunk_params,
+    stage_command,
+)
+
+pytestmark = pytest.mark.slow
+MODEL = "fashion-mnist-softmax"
+ADMIN, ADMIN_PASSWORD = "admin", f"admin-{secrets.token_hex(12)}"
+USER, PASSWORD = "alice", f"alice-{secrets.token_hex(12)}"
+LEARNING_RATES = (0.0003, 0.003, 0.03)  # three models, three accuracies
+OUTPUT: list[str] = []  # everything the stages printed, searched for the password
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("champion-server")
+    auth_config = home / "basic_auth.ini"
+    auth_config.write_text(
+        "[mlflow]\ndefault_permission = EDIT\n"
+        f"database_uri = sqlite:///{home / 'auth.db'}\n"
+        f"admin_username = {ADMIN}\nadmin_password = {ADMIN_PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    backend = f"sqlite:///{home / 'mlflow.db'}"
+    with mlflow_server(
+        backend,
+        home / "artifacts",
+        "--app-name",
+        "basic-auth",
+        MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+    ) as url:
+        admin = base64.b64encode(f"{ADMIN}:{ADMIN_PASSWORD}".encode()).decode()
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/users/create",
+            data=json.dumps({"username": USER, "password": PASSWORD}).encode(),
+            headers={"Authorization": f"Basic {admin}", "Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=30)
+        yield url
+
+
+def credentialed(url: str) -> str:
+    return url.replace("http://", f"http://{USER}:{PASSWORD}@")
+
+
+def stage(project: Path, name: str, url: str, *args: str, check: bool = True):
+    proc = run(stage_command(name) if not args else ["python", "-m", f"stages.{name}", *args], project, check=check,
+               MLFLOW_TRACKING_URI=credentialed(url))  # fmt: skip
+    OUTPUT.append(proc.stdout + proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(server, tmp_path_factory, tiny_source):
+    """Three models trained against the server (three registered versions, none evaluated yet),
+    each kept in a folder of its own with its history."""
+    source, sums = tiny_source
+    project = make_project(tmp_path_factory.mktemp("champion") / "project", shrunk_params(source), sums)
+    stage(project, "download", server)
+    kept = []
+    for lr in LEARNING_RATES:
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        (project / "params.yaml").write_text(yaml.safe_dump({**params, "lr": lr}, sort_keys=False))
+        stage(project, "train", server)
+        folder = project.parent / f"lr{lr}"
+        folder.mkdir()
+        shutil.copy(project / "models" / "model.pt", folder / "model.pt")
+        shutil.copy(project / "reports" / "train" / "history.json", folder / "history.json")
+        kept.append(folder)
+    return project, kept
+
+
+def user_client(url: str):
+    return client_for(credentialed(url))
+
+
+def test_promote_refuses_a_version_never_evaluated(server, trained):
+    project, _ = trained
+    client = user_client(server)
+    run_id = all_runs(client)[0].info.run_id
+    proc = stage(project, "promote", server, run_id, check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: '{run_id}': version ") and "was never evaluated" in line, line
+    assert not client.get_registered_model(MODEL).aliases
