@@ -174,6 +174,8 @@ def source_tags(data_sha256: str, stage_script: str) -> dict[str, str]:
         "data.sha256": data_sha256,
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "sweep.name": os.environ.get("FMNIST_SWEEP", ""),  # set by fmnist-sweep for its points
+        "sweep.trial": os.environ.get("FMNIST_TRIAL", ""),
         HOST_TAG: socket.gethostname(),
         PID_TAG: str(os.getpid()),
     }
