@@ -178,7 +178,7 @@ class Progress:
             line = f"{finished.status}: {finished.name}"
             if finished.status == "restored":
                 line += " (from the run-cache: no training, no new MLflow run)"
-            line += f": {finished.message}" if finished.message else f" on {finished.worker}"
+            line += f" on {finished.worker or '-'}" + (f": {finished.message}" if finished.message else "")
             self.bar.write(line)
         if finished is not None or time.monotonic() - self.last > 2:
             self.last = time.monotonic()

@@ -32,6 +32,7 @@ class SpaceError(PipelineError):
 class Space:
     fixed: dict  # key -> value, the same for every point
     sweeps: dict  # key -> list of values (grid) or an Optuna distribution (search)
+    order: tuple = ()  # the keys as the `-S` options gave them
 
 
 def format_value(value) -> str:
@@ -96,7 +97,7 @@ def parse_space(overrides: list[str], params_file: Path, search: bool) -> Space:
             raise SpaceError(f"-S {override.input_line}: an interval has no grid; search it with --trials N")
         else:
             sweeps[key] = list(override.sweep_iterator())
-    return Space(fixed, sweeps)
+    return Space(fixed, sweeps, tuple(o.key_or_group for o in _parse(overrides)))
 
 
 def grid(space: Space) -> list[dict]:
@@ -107,8 +108,8 @@ def grid(space: Space) -> list[dict]:
 
 
 def point_name(space: Space, values: dict) -> str:
-    """`lr0.05-bs64`: the swept keys (all keys when nothing is swept), abbreviated, with their values."""
-    keys = list(space.sweeps) or list(values)
+    """`lr0.05-bs64`: every `-S` key, abbreviated, with its value, in the order given."""
+    keys = [k for k in space.order if k in values] or list(values)
     parts = [f"{ABBREVIATIONS.get(k, k.replace('.', '_'))}{format_value(values[k])}" for k in keys]
     return "-".join(parts).replace("/", "_").replace(" ", "") or "baseline"
 
