@@ -65,9 +65,9 @@ def project_root() -> Path:
 
 def check_committed(project: Path) -> str:
     """The commit every point runs; uncommitted edits to tracked files would not be in it."""
-    changed = _git(project, "status", "--porcelain", "--untracked-files=no")
+    changed = _git(project, "diff", "--name-only", "HEAD")
     if changed:
-        paths = ", ".join(line[3:] for line in changed.splitlines())
+        paths = ", ".join(changed.splitlines())
         raise SweepError(f"uncommitted changes in {paths}: every point runs the commit HEAD; commit or stash them")
     return _git(project, "rev-parse", "HEAD")
 
@@ -323,7 +323,7 @@ def report(results: list[Result], objective: str, names_to_values: dict) -> Resu
         results, key=lambda r: (r.status == "failed", -(r.metrics.get(objective) or 0.0), r.name)
     )  # fmt: skip
     keys = sorted({k for values in names_to_values.values() for k in values})
-    header = ["point", "status", objective, *([] if objective == "test_acc" else ["test_acc"]), *keys, "worker"]
+    header = ["point", "status", objective, *([] if objective == "test_acc" else ["test_acc"]), *keys, "worker", "s"]
     rows = []
     for r in scored:
         value = r.metrics.get(objective)
@@ -331,7 +331,7 @@ def report(results: list[Result], objective: str, names_to_values: dict) -> Resu
         if objective != "test_acc":
             row.append(f"{r.metrics['test_acc']:.4f}" if "test_acc" in r.metrics else "-")
         values = names_to_values.get(r.name, {})
-        row += [format_value(values[k]) if k in values else "" for k in keys] + [r.worker or "-"]
+        row += [format_value(values[k]) if k in values else "-" for k in keys] + [r.worker or "-", f"{r.seconds:.0f}"]
         rows.append(row)
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
     for row in [header, *rows]:
