@@ -384,23 +384,27 @@ def sweep(args) -> None:
         what = f"{len(points)} points" if not search else f"{args.trials} trials of study {args.study}"
         print(f"sweep {sweep_name}: {what} at commit {commit[:7]} on {where}; maximizing {objective}")
         runner = Runner(client, len(points) or args.trials)
+        interrupted = None
         try:
             if search:
                 run_search(runner, args, space, make_point, objective, project_params, slots)
             else:
                 run_grid(runner, points)
         except KeyboardInterrupt:
-            cancelled = runner.cancel()
-            runner.progress.close()
-            raise SweepError(
-                f"interrupted by Ctrl-C: {cancelled} point(s) cancelled, {len(runner.results)} finished; "
-                "no point was published half and its clones are removed"
-            ) from None
+            interrupted = runner.cancel()
         runner.progress.close()
     finally:
+        cluster = client.cluster if local else None
         client.close()
-        if local:
-            client.cluster.close() if client.cluster else None
+        if cluster is not None:
+            cluster.close()
+    if interrupted is not None:
+        if local:  # the points' processes stop with their workers: wait for them to remove their clones
+            _wait_for_clones(project, [p.name for p, _ in points] or [f"{args.study}-"])
+        raise SweepError(
+            f"interrupted by Ctrl-C: {interrupted} point(s) cancelled, {len(runner.results)} finished; "
+            "no point was published half, and their clones are removed"
+        )
     results = runner.results
     if search:
         names_to_values = {r.name: _trial_values(args, r.name, space) for r in results}
@@ -416,6 +420,15 @@ def sweep(args) -> None:
     failed = sum(r.status == "failed" for r in results)
     if failed:
         raise SweepError(f"{failed} of {len(results)} points failed")
+
+
+def _wait_for_clones(project: Path, prefixes: list[str], seconds: float = 60) -> None:
+    parent = project / ".dvc" / "tmp" / "sweep"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(p.is_dir() and p.name.startswith(tuple(prefixes)) for p in parent.glob("*")):
+            return
+        time.sleep(0.5)
 
 
 def _trial_values(args, name: str, space: Space) -> dict:
