@@ -298,7 +298,7 @@ def settle_champion(project: Path, best: Result) -> str:
     """The champion rule, once, for the best point's model version: points evaluated at the same
     moment each moved the alias by the same rule, and this makes the end state certain."""
     from stages.config import load_params
-    from stages.tracking import MODEL_MD5_TAG, consider_champion, import_mlflow, one_line_errors
+    from stages.tracking import MODEL_MD5_TAG, consider_champion, import_mlflow, one_line_errors, redacted
 
     params = load_params(project / "params.yaml")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project / 'mlflow.db'}"
@@ -306,6 +306,9 @@ def settle_champion(project: Path, best: Result) -> str:
     with one_line_errors(uri, "failed settling the champion"):
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         experiment = client.get_experiment_by_name(params.tracking.experiment)
+        if experiment is None:
+            where = f"{redacted(uri)} has no experiment {params.tracking.experiment}"
+            return f"champion: not settled: {where} (set MLFLOW_TRACKING_URI to the workers' server)"
         found = client.search_runs(
             [experiment.experiment_id],
             filter_string=f"tags.`{MODEL_MD5_TAG}` = '{best.metrics['model_md5']}' and attributes.status = 'FINISHED'",

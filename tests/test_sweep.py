@@ -191,6 +191,20 @@ def test_unreachable_scheduler_and_uncommitted_changes_fail_fast(team):
     proc = sweep(team.project, "--scheduler", f"tcp://127.0.0.1:{free_port()}", "-S", "lr=0.1", check=False)
     assert proc.returncode != 0 and "error: Dask scheduler tcp://127.0.0.1:" in proc.stderr
     assert "unreachable" in proc.stderr.splitlines()[-1] and time.monotonic() - started < 30
+    nowhere = team.home / "nowhere"
+    run(["git", "remote", "set-url", "origin", str(nowhere)], team.project)
+    try:
+        proc = sweep(team.project, "--scheduler", team.scheduler, "-S", "lr=0.1", check=False)
+        assert proc.stderr.splitlines()[-1].startswith(f"error: git remote origin ({nowhere}) is unreachable")
+    finally:
+        run(["git", "remote", "set-url", "origin", str(team.origin)], team.project)
+    run([DVC, "remote", "modify", "--local", "storage", "url", str(nowhere)], team.project)
+    try:
+        proc = sweep(team.project, "--scheduler", team.scheduler, "-S", "lr=0.1", check=False)
+        expected = f"error: DVC remote storage ({nowhere}) is unreachable: no such directory"
+        assert proc.stderr.splitlines()[-1] == expected
+    finally:
+        (team.project / ".dvc" / "config.local").unlink()
     proc = sweep(team.project, "-S", "lr=abc", check=False)
     assert proc.stderr.splitlines()[-1].startswith("error: point lr=abc: params.yaml: lr: 'abc' is not allowed")
     params = team.project / "params.yaml"
