@@ -10,9 +10,7 @@ itself moves the alias only when a new version's test accuracy beats the champio
 
 from __future__ import annotations
 
-import argparse
-
-from stages import PipelineError, run_stage
+from stages import ArgumentParser, PipelineError, run_stage
 from stages.config import load_params
 from stages.tracking import CHAMPION, import_mlflow, one_line_errors, redacted, tracking_uri
 
@@ -68,15 +66,15 @@ def promote(target: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", help="a DVC experiment name or an MLflow run id")
     args = parser.parse_args(argv)
     print(promote(args.target))
 
 
 def cli() -> None:
+    run_stage(main, entry_point=True)
+
+
+if __name__ == "__main__":  # `python -m stages.x`: the checkout this code lives in, as before
     run_stage(main)
-
-
-if __name__ == "__main__":
-    cli()
