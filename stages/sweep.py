@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import PipelineError, check_interrupt, run_stage
+from stages import ArgumentParser, PipelineError, check_interrupt, run_stage
 from stages.sweep_point import Point, Result, run_point
 from stages.sweep_space import Space, SpaceError, format_value, grid, parse_space, point_name, validate
 
@@ -461,7 +461,7 @@ def _pull_experiments(project: Path, remote: str, names: list[str]) -> None:
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fmnist-sweep", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
-    run_stage(main)
+    run_stage(main, entry_point=True)
 
 
 if __name__ == "__main__":
