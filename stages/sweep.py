@@ -298,7 +298,7 @@ def run_search(runner: Runner, args, space: Space, make_point, objective: str, p
 
 
 def _redact(text: str) -> str:
-    from stages.tracking import redacted
+    from stages.tracking.store import redacted
 
     return redacted(text or "")
 
@@ -307,7 +307,9 @@ def settle_champion(project: Path, best: Result) -> str:
     """The champion rule, once, for the best point's model version: points evaluated at the same
     moment each moved the alias by the same rule, and this makes the end state certain."""
     from stages.config import load_params
-    from stages.tracking import MODEL_MD5_TAG, consider_champion, import_mlflow, one_line_errors, redacted
+    from stages.tracking.champion import consider_champion
+    from stages.tracking.runs import MODEL_MD5_TAG
+    from stages.tracking.store import import_mlflow, one_line_errors, redacted
 
     params = load_params(project / "params.yaml")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project / 'mlflow.db'}"
