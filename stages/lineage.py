@@ -204,7 +204,11 @@ class Resolver:
                 return self.client.get_model_version_by_alias(self.model_name, alias)
             return self.client.get_model_version(self.model_name, number)
         except Exception:  # MLflow says "no such version or alias" with an exception
-            raise LineageError(f"{target}: no such version or alias of {self.model_name}") from None
+            from stages.predict import _known_versions  # the same words as `fmnist-predict --mlflow`
+
+            uri = f"models:/{self.model_name}" + (f"@{alias}" if alias is not None else f"/{number}")
+            known = _known_versions(self.mlflow, self.model_name)
+            raise LineageError(f"{uri}: no such version or alias; {known}") from None
 
     def _alias_exists(self, alias: str) -> bool:
         try:
