@@ -3,7 +3,11 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NODE_STAMP := node_modules/.package-lock.json
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Nothing calls home, whichever entry point runs: MLflow's telemetry off (and the generic opt-out).
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
 
 .PHONY: pipeline test setup test-packages ui serve bench
 
@@ -13,28 +17,45 @@ pipeline: setup  ## set up, then run download -> train -> evaluate
 test: setup test-packages  ## set up, then run every test (unit and end-to-end)
 	pytest
 
-ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only)
-	@echo "runs of the first experiment, in the Model training view:"
-	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+UI_PORT ?= 5000
+ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only); Ctrl-C stops it
+	@echo "starting the MLflow UI (one worker, no job runner); the link follows once it answers"
+	@MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db \
+	  --host 127.0.0.1 --port $(UI_PORT) --workers 1 & pid=$$!; trap 'kill $$pid 2>/dev/null' INT TERM EXIT; \
+	until curl -sf -o /dev/null http://127.0.0.1:$(UI_PORT)/health; do \
+	  kill -0 $$pid 2>/dev/null || { echo "error: mlflow ui exited; see its output above" >&2; exit 1; }; sleep 1; \
+	done; \
+	echo; echo "MLflow UI ready; the runs of the first experiment, in the Model training view:"; \
+	echo "  http://127.0.0.1:$(UI_PORT)/#/experiments/1/runs?workflowType=machine_learning"; echo; \
+	wait $$pid
 
 # The champion model (see README, "Serving"), from the project's store unless MLFLOW_TRACKING_URI
 # names another; --env-manager local: this venv, no conda or virtualenv built, nothing downloaded.
 SERVE_PORT ?= 5001
 serve: setup  ## serve the champion model on http://127.0.0.1:5001/invocations (this machine only)
-	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" MLFLOW_DISABLE_TELEMETRY=true \
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	  mlflow models serve -m models:/fashion-mnist-softmax@champion --env-manager local \
 	  -h 127.0.0.1 -p $(SERVE_PORT)
 
 bench: setup  ## time the pipeline against the book's loop: benchmarks/RESULTS.md
 	python -m benchmarks.bench
 
-setup: $(STAMP) $(DATA)
+setup: $(STAMP) $(NODE_STAMP) $(DATA)
 
 $(STAMP): pyproject.toml
-	python3.11 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@echo "installing the Python packages of pyproject.toml into $(VENV) (first time: about 3 minutes)"
+	@start=$$(date +%s); python3.11 -m venv $(VENV) && \
+	  $(VENV)/bin/pip install --disable-pip-version-check --progress-bar on -e '.[dev]' && \
+	  echo "installed $(VENV) in $$(( $$(date +%s) - start )) s"
 	touch $@
+
+# vega, vega-lite and vega-embed at package-lock.json's versions, for the page `dvc plots show` writes
+# (.dvc/plots.html loads them from node_modules/, so the charts draw offline).
+$(NODE_STAMP): package.json package-lock.json
+	@echo "installing vega, vega-lite and vega-embed into node_modules/ (npm ci, about 10 s)"
+	@command -v npm >/dev/null || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null || \
+	  echo "warning: npm not installed; the pages of \`dvc plots\` will show only the PNGs"
+	@if command -v npm >/dev/null; then npm ci --no-audit --no-fund; fi
 
 # What the tests start on loopback and nothing on PyPI provides: an OpenSSH server (an SSH remote),
 # PostgreSQL (a team's MLflow store) and Chromium (the MLflow UI test). Installed once, from Debian.

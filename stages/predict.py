@@ -3,12 +3,16 @@
 fmnist-predict shirt.jpg boot.png          # photos, converted to 28x28 grayscale like Fashion-MNIST
 fmnist-predict --test-index 0 17 42        # images of the test set, with their true labels
 fmnist-predict --mlflow shirt.jpg          # the same through the registered model's champion
-fmnist-predict --mlflow 3 shirt.jpg        # ... or version 3, or another alias
+fmnist-predict --version 3 shirt.jpg       # ... or its version 3 (--alias NAME: another alias)
+
+The first line says which model answered: the workspace file and its md5 (as in dvc.lock), or the
+registered model's version.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -79,6 +83,16 @@ def top_k(probabilities: np.ndarray, k: int) -> list[tuple[str, float]]:
     return [(CLASSES[i], float(probabilities[i])) for i in order]
 
 
+def checkpoint_description(model_path: Path) -> str:
+    """The workspace model as DVC knows it: its path and md5 (the value in dvc.lock and run.json)."""
+    try:
+        shown = model_path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        shown = model_path
+    md5 = hashlib.md5(model_path.read_bytes()).hexdigest() if model_path.is_file() else "missing"
+    return f"model: {shown} (md5 {md5})"
+
+
 def probabilities_from_checkpoint(model_path: Path, images_u8: np.ndarray) -> np.ndarray:
     import torch
 
@@ -96,8 +110,8 @@ def registered_model_uri(name: str, version_or_alias: str) -> str:
     return f"models:/{name}@{version_or_alias}"
 
 
-def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.ndarray) -> np.ndarray:
-    """The registered MLflow model already ends in a softmax."""
+def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.ndarray) -> tuple[np.ndarray, str]:
+    """The registered MLflow model's probabilities (it already ends in a softmax), and which version answered."""
     from stages.tracking import import_mlflow, redacted, tracking_uri
 
     mlflow = import_mlflow()
@@ -107,9 +121,9 @@ def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.nd
     model_uri = registered_model_uri(name, version_or_alias)
     try:
         if version_or_alias.isdigit():
-            client.get_model_version(name, version_or_alias)
-        elif version_or_alias != "latest":
-            client.get_model_version_by_alias(name, version_or_alias)
+            version = client.get_model_version(name, version_or_alias)
+        else:
+            version = client.get_model_version_by_alias(name, version_or_alias)
     except mlflow.exceptions.MlflowException:
         raise ModelError(f"{model_uri}: no such version or alias; {_known_versions(mlflow, name)}") from None
     try:
@@ -121,7 +135,9 @@ def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.nd
 
     from stages.model import to_inputs
 
-    return np.asarray(model.predict(to_inputs(torch.from_numpy(images_u8)).numpy()))
+    alias = "" if version_or_alias.isdigit() else f" (@{version_or_alias})"
+    answered = redacted(f"model: {name} version {version.version}{alias} from {uri}")
+    return np.asarray(model.predict(to_inputs(torch.from_numpy(images_u8)).numpy())), answered
 
 
 def _known_versions(mlflow, name: str) -> str:
@@ -143,11 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.pt")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "fashion-mnist")
-    parser.add_argument("--mlflow", nargs="?", const="champion", metavar="VERSION_OR_ALIAS",
-                        help="use the registered MLflow model (default: its champion)")  # fmt: skip
+    parser.add_argument("--mlflow", action="store_true", help="use the registered MLflow model's champion")
+    registered = parser.add_mutually_exclusive_group()
+    registered.add_argument("--version", help="use this version of the registered model (implies --mlflow)")
+    registered.add_argument("--alias", help="use the registered model's version with this alias (implies --mlflow)")
     args = parser.parse_args(argv)
     if not args.images and not args.test_index:
-        parser.error("give image files or --test-index")
+        parser.error("nothing to classify: give image files or --test-index")
+    if args.version is not None and not args.version.isdigit():
+        parser.error(f"--version {args.version}: not a version number (for an alias, use --alias)")
     if not 1 <= args.top <= len(CLASSES):
         parser.error(f"--top must be 1..{len(CLASSES)}")
     names, images, truth = [], [], []
@@ -167,10 +187,12 @@ def main(argv: list[str] | None = None) -> None:
             names.append(f"test[{i}]")
             truth.append(CLASSES[test_labels[i]])
     batch = np.stack(images)
-    if args.mlflow:
+    if args.mlflow or args.version or args.alias:
         from stages.config import load_params
 
-        probabilities = probabilities_from_mlflow(load_params().tracking.registered_model, args.mlflow, batch)
+        asked = args.version or args.alias or "champion"
+        name = load_params().tracking.registered_model
+        probabilities, answered = probabilities_from_mlflow(name, asked, batch)
     else:
         from stages.model import CheckpointError
 
@@ -178,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             probabilities = probabilities_from_checkpoint(args.model, batch)
         except CheckpointError as e:
             raise ImageError(str(e)) from None
+        answered = checkpoint_description(args.model)
+    print(answered)
     for name, true, probs in zip(names, truth, probabilities, strict=True):
         ranked = ", ".join(f"{cls} {p:.1%}" for cls, p in top_k(probs, args.top))
         print(f"{name}: {ranked}" + (f"  (true: {true})" if true else ""))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from stages.predict import MAX_PIXELS, ImageError, load_image, top_k
-from tests.helpers import DVC, ROOT, run, synthetic_split
+from tests.helpers import DVC, ROOT, lock_md5, run, synthetic_split
 
 
 def photo(item: np.ndarray, size: int = 112) -> Image.Image:
@@ -93,9 +93,16 @@ def test_top_k_orders_by_probability():
 def test_cli_agrees_with_the_pipeline_and_with_mlflow(tiny_project):
     run([DVC, "repro"], tiny_project)
     cli = ["python", "-m", "stages.predict", "--top", "1"]
-    ours = run([*cli, "--test-index", "0", "1", "2"], tiny_project).stdout.splitlines()
-    served = run([*cli, "--mlflow", "--test-index", "0", "1", "2"], tiny_project).stdout.splitlines()
+    answered, *ours = run([*cli, "--test-index", "0", "1", "2"], tiny_project).stdout.splitlines()
+    assert answered == f"model: models/model.pt (md5 {lock_md5(tiny_project, 'train', 'models/model.pt')})"
+    answered, *served = run([*cli, "--mlflow", "--test-index", "0", "1", "2"], tiny_project).stdout.splitlines()
+    assert answered.startswith("model: fashion-mnist-softmax version 1 (@champion) from sqlite:///")
     assert [line.split()[1] for line in ours] == [line.split()[1] for line in served]
+    photo(synthetic_split(1, 0)[0][0]).save(tiny_project / "item.png")
+    readme_form = run([*cli, "--mlflow", "item.png"], tiny_project).stdout.splitlines()  # README: --mlflow shirt.jpg
+    by_version = run([*cli, "--version", "1", "item.png"], tiny_project).stdout.splitlines()
+    assert readme_form[1] == by_version[1] and readme_form[1].startswith("item.png: ")
+    assert by_version[0].startswith("model: fashion-mnist-softmax version 1 from ")
     assert all("(true: " in line for line in ours)
     confusion = json.loads((tiny_project / "reports/eval/confusion.json").read_text())
     assert [line.split(": ", 1)[1].rsplit(" ", 1)[0] for line in ours][0].startswith(confusion[0]["predicted"])
@@ -111,9 +118,18 @@ def test_unknown_model_versions_and_aliases_get_one_line(tmp_path):
     client_for(uri).create_registered_model("fashion-mnist-softmax")
     item = tmp_path / "item.png"
     photo(synthetic_split(1, 0)[0][0]).save(item)
-    for asked, shown in (("999", "/999"), ("abc", "@abc")):
-        predict = ["python", "-m", "stages.predict", "--mlflow", asked, str(item)]
+    for option, asked, shown in (("--version", "999", "/999"), ("--alias", "abc", "@abc")):
+        predict = ["python", "-m", "stages.predict", option, asked, str(item)]
         proc = run(predict, ROOT, check=False, MLFLOW_TRACKING_URI=uri)
         assert proc.returncode == 1
         expected = f"error: models:/fashion-mnist-softmax{shown}: no such version or alias; no versions; no aliases"
         assert proc.stderr.strip() == expected
+
+
+def test_usage_errors_name_what_is_missing():
+    proc = run(["python", "-m", "stages.predict", "--mlflow"], ROOT, check=False)
+    assert proc.returncode == 2 and "nothing to classify: give image files or --test-index" in proc.stderr
+    proc = run(["python", "-m", "stages.predict", "--version", "champion", "x.png"], ROOT, check=False)
+    assert proc.returncode == 2 and "--version champion: not a version number (for an alias, use --alias)" in (
+        proc.stderr
+    )

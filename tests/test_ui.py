@@ -1,4 +1,5 @@
-"""The README's browsing guide, followed in the real MLflow UI with headless Chromium."""
+"""What a user sees in a browser (headless Chromium): the README's browsing guide in the real MLflow UI,
+and the charts of `dvc plots show` / `dvc plots diff` drawn with the network off."""
 
 import json
 import re
@@ -13,12 +14,19 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory, tiny_source):
-    """A project after `dvc repro` and one `dvc exp run`, its store in `mlflow ui` on a free port."""
+def project(tmp_path_factory, tiny_source):
+    """A project after `dvc repro` and one `dvc exp run`, with the node_modules/ that `make setup` installs."""
     source, sums = tiny_source
     project = make_project(tmp_path_factory.mktemp("ui") / "project", shrunk_params(source), sums)
     run([DVC, "repro"], project)
     run([DVC, "exp", "run", "-n", "slow-lr", "-S", "lr=0.01"], project)
+    (project / "node_modules").symlink_to(ROOT / "node_modules")  # ignored by git, so not in the copy
+    return project
+
+
+@pytest.fixture(scope="module")
+def ui(project):
+    """The project's store in `mlflow ui` on a free port."""
     port = free_port()
     cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
@@ -53,3 +61,46 @@ def test_the_readme_link_opens_the_runs_and_the_columns_show_test_acc(ui):
         page.goto(f"{url}/#/experiments/1/runs?workflowType=machine_learning&compareRunsMode=CHART")
         page.get_by_text("epoch/test_acc").first.wait_for(timeout=120_000)  # the chart view's curves
         browser.close()
+
+
+def drawn_marks(page_path) -> dict[str, dict[str, int]]:
+    """Open a `dvc plots` page offline (every request but file:// refused) and count each chart's marks."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        context = browser.new_context()
+        refused = []
+
+        def file_only(route):
+            if route.request.url.startswith("file:"):
+                return route.continue_()
+            refused.append(route.request.url)
+            return route.abort()
+
+        context.route("**/*", file_only)
+        page = context.new_page()
+        page.goto(page_path.as_uri())
+        page.locator(".vega-embed svg.marks").last.wait_for(timeout=60_000)
+        marks = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('body > div')].map(chart =>
+            [chart.id, Object.fromEntries(['line', 'rect', 'symbol'].map(kind =>
+                [kind, chart.querySelectorAll(`svg.marks g.mark-${kind} > path`).length]))]))""")
+        browser.close()
+    assert refused == [], "the page asked the network for something"
+    return marks
+
+
+def test_dvc_plots_show_draws_the_vega_charts_offline(project):
+    out = run([DVC, "plots", "show"], project).stdout
+    assert "dvc_plots/index.html" in out
+    marks = drawn_marks(project / "dvc_plots" / "index.html")
+    assert marks["Training_curves"]["line"] >= 3  # train_loss, train_acc, test_acc
+    assert marks["reports_eval_confusion_json"]["rect"] >= 10  # the confusion matrix's cells
+    assert {"reports_eval_curves_png", "reports_eval_confusion_png"} <= marks.keys()  # the PNGs too
+
+
+def test_dvc_plots_diff_overlays_the_experiments_curves_offline(project):
+    names = run([DVC, "exp", "ls", "--name-only"], project).stdout.split()
+    assert names == ["slow-lr"]
+    run([DVC, "plots", "diff", *names], project)  # the README's `dvc plots diff $(dvc exp ls --name-only)`
+    marks = drawn_marks(project / "dvc_plots" / "index.html")
+    assert marks["Training_curves"]["line"] >= 3 * 2  # the workspace's and slow-lr's curves in one chart
