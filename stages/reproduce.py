@@ -142,8 +142,10 @@ def rebuild(lineage: Lineage, work: Path, git_remote: str | None, dvc_remote: st
     quiet = dict(cwd=clone, env=env, capture_output=True, text=True)
     remote = dvc_remote or subprocess.run([*dvc, "cache", "dir"], **{**quiet, "cwd": ROOT}).stdout.strip()
     if remote:  # best effort: when it gives nothing, the download stage gets the data itself
-        subprocess.run([*dvc, "remote", "add", "--local", "--force", "lineage-source", remote], **quiet)
-        subprocess.run([*dvc, "pull", "-q", "-r", "lineage-source", "download"], **quiet)
+        name = remote if "/" not in remote else "lineage-source"  # a remote the project names, or a URL
+        if name != remote:
+            subprocess.run([*dvc, "remote", "add", "--local", "--force", name, remote], **quiet)
+        subprocess.run([*dvc, "pull", "-q", "-r", name, "download"], **quiet)
     check_interrupt()
     _step([*dvc, "repro", "--no-run-cache", "download"], clone, env, "the download stage")
     _step([*dvc, "repro", "--no-run-cache", "--force", "--downstream", "train"], clone, env, "training")
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="a DVC experiment, registered version or alias, MLflow run id or model md5")
     parser.add_argument("--git-remote", help="clone the commit from this git URL (default: this project)")
-    parser.add_argument("--dvc-remote", help="get the data from this DVC remote (default: this project's cache)")
+    parser.add_argument("--dvc-remote", help="a DVC remote (name or URL) for the data (default: this project's cache)")
     parser.add_argument("--log", action="store_true", help="tag the version reproduced=<date> when bit-identical")
     args = parser.parse_args(argv)
     print(reproduce(args.name, args.git_remote, args.dvc_remote, args.log))
