@@ -4,21 +4,38 @@ One error route: library code raises `PipelineError` (or a subclass) with a mess
 culprit; `run_stage` is the one place that turns it into the `error:` line and the exit code.
 """
 
+import argparse
+import contextlib
+import ctypes
 import gc
+import os
 import signal
 import sys
+from pathlib import Path
+
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout this code lives in
+MESSAGE_MAX = 2000  # characters of an `error:` line: a message quoting a 50 MB value is cut
 
 
 class PipelineError(Exception):
     """A failure the user can act on; the message is the whole story (key, file, URL or store)."""
+
+    exit_code = 1
 
 
 class Interrupted(PipelineError):
     """Ctrl-C or SIGTERM, raised at a safe point: between batches, chunks or output files."""
 
 
+class UsageError(PipelineError):
+    """Bad command-line arguments; exit 2, as argparse does, but in the one-line form."""
+
+    exit_code = 2
+
+
 _SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 _received: list[int] = []
+_project: Path | None = None  # set by an installed entry point: the project found from the cwd
 
 
 def _record(signum, frame) -> None:
@@ -28,26 +45,98 @@ def _record(signum, frame) -> None:
     signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
 
 
+def _stop_with_parent() -> None:
+    """Record Ctrl-C and SIGTERM from now on, and get SIGTERM when the parent (`dvc`) dies.
+
+    `kill -TERM <dvc pid>` ends dvc but not the stage it started; without this, the stage would go
+    on as an orphan and publish a model nobody asked for. The kernel's parent-death signal turns the
+    parent's end into our SIGTERM, which stops the stage at its next safe point."""
+    for signum in _SIGNAL_NAMES:
+        signal.signal(signum, _record)
+    parent = os.getppid()
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if parent == 1 or os.getppid() != parent:  # the parent died before the request took effect
+        _record(signal.SIGTERM, None)
+
+
+# `python -m stages.x` imports this package first, while argv[0] is still "-m": the handlers are in
+# place before the stage's heavy imports, so a signal in its first moments gets the usual line too.
+if sys.argv[:1] == ["-m"]:
+    _stop_with_parent()
+
+
 def check_interrupt() -> None:
     """Raise `Interrupted` if Ctrl-C or SIGTERM arrived; call it where stopping leaves no mess."""
     if _received:
         raise Interrupted(f"interrupted by {_SIGNAL_NAMES.get(_received[0], f'signal {_received[0]}')}")
 
 
-def run_stage(main) -> None:
-    """Run a stage's main() as a program: a failure ends it with one `error:` line, not a traceback."""
-    for signum in _SIGNAL_NAMES:
-        signal.signal(signum, _record)
+def project_root() -> Path:
+    """The project whose params, data, model and store are used: the one an installed command was
+    started in, else the checkout this code lives in (`python -m stages.x`, which is how DVC runs it)."""
+    return _project or CODE_ROOT
+
+
+def find_project(start: Path | None = None) -> Path:
+    """The nearest directory at or above `start` (the cwd) that holds dvc.yaml and params.yaml."""
+    start = Path.cwd() if start is None else Path(start)
+    for directory in (start, *start.parents):
+        if (directory / "dvc.yaml").is_file() and (directory / "params.yaml").is_file():
+            return directory
+    raise PipelineError(f"{start}: not inside a project (no directory above it has dvc.yaml and params.yaml)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error:` line (it prints the usage and its own form)."""
+
+    def __init__(self, **kwargs):
+        script = Path(sys.argv[0])
+        if script.parent == CODE_ROOT / "stages":  # `python -m stages.x`, not `x.py`
+            kwargs.setdefault("prog", f"python -m stages.{script.stem}")
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_MAX else f"{message[: MESSAGE_MAX - 40]}... ({len(message)} characters)"
+
+
+def _fail(message: str, code: int = 1):
+    with contextlib.suppress(OSError):  # stderr closed too: the exit code is all that is left
+        print(f"error: {_clip(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run_stage(main, entry_point: bool = False) -> None:
+    """Run a stage's main() as a program: a failure ends it with one `error:` line, not a traceback.
+
+    `entry_point`: an installed command (`fmnist-predict`): it works on the project the cwd is in."""
+    global _project
+    if sys.argv[:1] != ["-m"]:  # an installed command or a test's script: handlers not yet set
+        _stop_with_parent()
     try:
+        if entry_point:
+            _project = find_project()
+            if _project != CODE_ROOT:  # not the checkout the command was installed from: say so
+                print(f"project: {_project}", file=sys.stderr)
+        check_interrupt()
         main()
+        sys.stdout.flush()  # a closed stdout shows here, not in the interpreter's last flush
     except Interrupted as e:
-        sys.exit(f"error: {e}; outputs stay the previous complete ones")
+        _fail(f"{e}; outputs stay the previous complete ones")
     except PipelineError as e:
-        sys.exit(f"error: {e}")
+        _fail(str(e), e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C while the first was waiting for a safe point
-        sys.exit("error: interrupted by Ctrl-C; outputs stay the previous complete ones")
+        _fail("interrupted by Ctrl-C; outputs stay the previous complete ones")
+    except BrokenPipeError:  # `| head -0`: whoever read our output has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush is quiet
+        _fail("stdout was closed (broken pipe)")
     if _received:  # after the last safe point: the outputs are complete, but the user asked to stop
-        sys.exit(f"error: interrupted by {_SIGNAL_NAMES.get(_received[0], 'a signal')} after the outputs were written")
+        _fail(f"interrupted by {_SIGNAL_NAMES.get(_received[0], 'a signal')} after the outputs were written")
     # Interpreter teardown would spend ~2 s walking torch's and MLflow's object graph; the
     # outputs are written and closed by now, so let the process end without that walk.
     gc.freeze()

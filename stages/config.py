@@ -10,13 +10,12 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from stages import PipelineError, run_stage
+from stages import PipelineError, project_root, run_stage
 
-ROOT = Path(__file__).resolve().parents[1]
-PARAMS_FILE = ROOT / "params.yaml"  # the project's own, wherever the stage is started from
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 SEED_MAX = 2**64 - 1  # torch.manual_seed overflows above this
 NAME_MAX = 256  # experiment and registered model names: String(256) columns in MLflow's SQL stores
+MESSAGE_MAX = 300  # characters of a message about params.yaml
 PARAM_MAX = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH; lists are logged as JSON
 
 
@@ -141,7 +140,9 @@ def parse_params(raw) -> Params:
     except ValidationError as e:
         # An unknown key first: with `lrr` for `lr`, the typo is the news, not the missing `lr`.
         first = min(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
-        raise ConfigError(f"params.yaml: {_message(first, raw)}") from None
+        message = _message(first, raw)  # a key or value can be huge: the line stays readable
+        message = message if len(message) <= MESSAGE_MAX else f"{message[:MESSAGE_MAX]}... ({len(message)} characters)"
+        raise ConfigError(f"params.yaml: {message}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -159,10 +160,51 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_params(path: Path = PARAMS_FILE) -> Params:
-    path = Path(path)
+# params.yaml is a page of settings. These bounds refuse, in a fraction of a second, what would
+# otherwise cost a RecursionError (1000 levels deep), minutes and a MemoryError (a 493-byte
+# "billion laughs" of nested aliases) or an error line quoting a 50 MB value.
+PARAMS_MAX_BYTES = 1 << 20
+PARAMS_MAX_DEPTH = 20
+PARAMS_MAX_NODES = 100_000  # scalars and collections, counted with every alias expanded
+
+
+def _check_shape(text: str, name: str) -> None:
+    """Walk the YAML events (no recursion, nothing built) and refuse too deep or too many nodes."""
+    sizes: dict[str, int] = {}  # anchor -> its node count, aliases expanded
+    open_nodes: list[list] = [[None, 0]]  # per open collection: its anchor, its nodes so far
+    for event in yaml.parse(text, Loader=_UniqueKeyLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_nodes.append([event.anchor, 1])
+            if len(open_nodes) - 1 > PARAMS_MAX_DEPTH:
+                where = f"line {event.start_mark.line + 1}"
+                raise ConfigError(f"{name}: {where}: nested more than {PARAMS_MAX_DEPTH} levels deep")
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = open_nodes.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, count = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, count = None, sizes.get(event.anchor, 1)
+        else:
+            continue
+        if anchor:
+            sizes[anchor] = count
+        open_nodes[-1][1] += count
+        if open_nodes[-1][1] > PARAMS_MAX_NODES:
+            where = f"line {event.start_mark.line + 1}"
+            raise ConfigError(f"{name}: {where}: more than {PARAMS_MAX_NODES} values once its aliases are expanded")
+
+
+def load_params(path: Path | None = None) -> Params:
+    path = Path(path) if path else project_root() / "params.yaml"
     try:
-        raw = yaml.load(path.read_bytes().decode(), Loader=_UniqueKeyLoader)
+        with open(path, "rb") as f:
+            data = f.read(PARAMS_MAX_BYTES + 1)
+        if len(data) > PARAMS_MAX_BYTES:
+            raise ConfigError(f"{path.name}: larger than {PARAMS_MAX_BYTES >> 20} MB; params are a page of settings")
+        text = data.decode()
+        _check_shape(text, path.name)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
@@ -171,7 +213,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path.name}:{where} malformed YAML: {problem}") from None
+        raise ConfigError(f"{path.name}:{where} malformed YAML: {problem[:200]}") from None
     return parse_params(raw)
 
 

@@ -135,7 +135,7 @@ def _open_local(directory: Path, name: str):
         raise DataError(f"{directory}: no such directory")
     for candidate in (directory / f"{name}.gz", directory / name):
         if candidate.is_file():
-            return open(candidate, "rb")
+            return files.open_regular(candidate)
     raise DataError(f"{name}: not found in {directory} (looked for {name}.gz and {name})")
 
 
@@ -305,9 +305,12 @@ def fetch_all(
 
 def _read_idx(path: Path) -> np.ndarray:
     try:
-        raw = np.fromfile(path, dtype=np.uint8)
+        with files.open_regular(path) as f:
+            raw = np.fromfile(f, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: missing; run the download stage (dvc repro download)") from None
+    except OSError as e:  # a directory, FIFO or symlink loop in place of the file
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         dims = check_idx_header(path.name, raw[:16].tobytes(), len(raw))
     except DataError as e:  # name the file as the user knows it, with its directory
@@ -335,7 +338,7 @@ def verify_dir(data_dir: Path, checksums: dict[str, str] | None = None) -> str:
     for name in FILES:
         path = Path(data_dir) / name
         try:
-            with open(path, "rb") as f:
+            with files.open_regular(path) as f:
                 actual = hashlib.file_digest(f, "sha256").hexdigest()
         except FileNotFoundError:
             raise DataError(f"{path}: missing; run the download stage (dvc repro download)") from None

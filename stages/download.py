@@ -5,16 +5,15 @@ python -m stages.download --out data/fashion-mnist
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from stages import run_stage
+from stages import ArgumentParser, run_stage
 from stages.config import load_params
 from stages.data import fetch_all, read_checksums, sources_from
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     cfg = load_params().data

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import PipelineError, check_interrupt, determinism, files, run_stage, tracking
+from stages import ArgumentParser, PipelineError, check_interrupt, determinism, files, run_stage, tracking
 from stages.config import as_flat_dict, load_params
 from stages.data import CLASSES, load_split
 
@@ -133,7 +132,7 @@ def reports(history: list[dict], logits, labels, images_u8, grid: int) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True)

@@ -1,4 +1,5 @@
-"""Atomic output writes: a reader (or a crash) sees the old files or the complete new ones, never half.
+"""Files: atomic output writes (a reader, or a crash, sees the old files or the complete new ones,
+never half), and inputs opened only if they are regular files.
 
 A stage's outputs are published together: `Outputs` writes each file to a temporary file beside its
 target and moves them all into place only once every one is complete, so a failure part-way (a full
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -88,3 +90,25 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device"}
+
+
+def open_regular(path: Path):
+    """Open an input for reading in binary, refusing anything but a regular file: a FIFO would block
+    the open (and a read) forever, a directory or a device is no data file.
+
+    O_NONBLOCK makes opening a FIFO return at once, so it can be refused; it changes nothing for a
+    regular file. Raises OSError, with a `strerror` that says what is there instead."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise OSError(0, f"{kind}, not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -15,7 +15,6 @@ of its own: it resolves to the run that trained its model, and says so.
 
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import PipelineError, run_stage
+from stages import ArgumentParser, PipelineError, run_stage
 from stages.config import ConfigError, as_flat_dict, load_params, parse_params
 from stages.tracking import MODEL_MD5_TAG, ROOT, import_mlflow, one_line_errors, redacted, tracking_uri
 
@@ -351,7 +350,7 @@ def chain(lineage: Lineage, project: Path = ROOT) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="a DVC experiment, registered version or alias, MLflow run id or model md5")
     args = parser.parse_args(argv)
     lineage = resolve(args.name)

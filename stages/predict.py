@@ -11,17 +11,16 @@ registered model's version.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from stages import PipelineError, run_stage
+from stages import ArgumentParser, PipelineError, project_root, run_stage
 from stages.data import CLASSES, DataError, load_split
+from stages.files import open_regular
 
-ROOT = Path(__file__).resolve().parents[1]
 # Checked from the file's header before any pixel is decoded: a 165 KB palette PNG can declare
 # 13000x13000 pixels (2.2 GB decoded). 50 megapixels covers phone photos and keeps decoding
 # and conversion under about 0.5 GB.
@@ -45,16 +44,21 @@ def load_image(path: Path) -> np.ndarray:
 
     too_large = f"over the limit of {MAX_PIXELS:,} pixels; scale it down"
     try:
-        with warnings.catch_warnings():  # PIL's bomb warning: the check below says it in one line
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)  # reads the header only
-        with image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"{path}: {width}x{height} is {too_large}")
-            image.load()
+        opened = open_regular(path)  # a FIFO, a directory or a symlink loop is refused, not waited on
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        with opened:
+            with warnings.catch_warnings():  # PIL's bomb warning: the check below says it in one line
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(opened)  # reads the header only
+            with image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(f"{path}: {width}x{height} is {too_large}")
+                image.load()
     except Image.DecompressionBombError:  # PIL's own check, in Image.open, for even larger headers
         raise ImageError(f"{path}: {too_large}") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -153,12 +157,12 @@ def _known_versions(mlflow, name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", type=Path, help="PNG or JPEG files")
     parser.add_argument("--test-index", nargs="+", type=int, default=[], metavar="N", help="test-set images")
     parser.add_argument("--top", type=int, default=3, help="how many classes to show (default 3)")
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.pt")
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "fashion-mnist")
+    parser.add_argument("--model", type=Path, default=project_root() / "models" / "model.pt")
+    parser.add_argument("--data", type=Path, default=project_root() / "data" / "fashion-mnist")
     parser.add_argument("--mlflow", action="store_true", help="use the registered MLflow model's champion")
     registered = parser.add_mutually_exclusive_group()
     registered.add_argument("--version", help="use this version of the registered model (implies --mlflow)")
@@ -208,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
+    run_stage(main, entry_point=True)
+
+
+if __name__ == "__main__":  # `python -m stages.x`: the checkout this code lives in, as before
     run_stage(main)
-
-
-if __name__ == "__main__":
-    cli()

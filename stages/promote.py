@@ -11,9 +11,7 @@ itself moves the alias only when a new version's test accuracy beats the champio
 
 from __future__ import annotations
 
-import argparse
-
-from stages import PipelineError, run_stage
+from stages import ArgumentParser, PipelineError, run_stage
 from stages.lineage import Resolver
 from stages.tracking import CHAMPION, one_line_errors
 
@@ -49,15 +47,15 @@ def promote(target: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", help="a DVC experiment, registered version or alias, MLflow run id or model md5")
     args = parser.parse_args(argv)
     print(promote(args.target))
 
 
 def cli() -> None:
+    run_stage(main, entry_point=True)
+
+
+if __name__ == "__main__":  # `python -m stages.x`: the checkout this code lives in, as before
     run_stage(main)
-
-
-if __name__ == "__main__":
-    cli()

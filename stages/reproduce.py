@@ -12,7 +12,6 @@ only when the rebuilt model is bit-identical to the recorded one.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import PipelineError, check_interrupt, run_stage
+from stages import ArgumentParser, PipelineError, check_interrupt, run_stage
 from stages.lineage import MODEL_PATH, Lineage, Resolver, git
 from stages.tracking import ROOT, one_line_errors
 
@@ -224,7 +223,7 @@ def reproduce(target: str, git_remote: str | None = None, dvc_remote: str | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="a DVC experiment, registered version or alias, MLflow run id or model md5")
     parser.add_argument("--git-remote", help="clone the commit from this git URL (default: this project)")
     parser.add_argument("--dvc-remote", help="a DVC remote (name or URL) for the data (default: this project's cache)")

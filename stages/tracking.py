@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import Interrupted, PipelineError
+from stages import Interrupted, PipelineError, project_root
 from stages.config import Params, as_flat_dict
 from stages.data import IMAGE_SHAPE, NUM_CLASSES
 
@@ -62,13 +62,14 @@ _ENV_DEFAULTS = {
 }
 
 
-def store_root(project_root: Path = ROOT) -> Path:
-    """The project whose store this run belongs to.
+def store_root(project: Path | None = None) -> Path:
+    """The project whose store this run belongs to (by default the one `project_root()` names).
 
     Queued and --temp experiments run in a copy under <project>/.dvc/tmp/exps/ that DVC deletes
     afterwards; their runs must land in <project>'s store, not the copy's."""
-    parts = project_root.parts
-    return Path(*parts[: parts.index(".dvc")]) if ".dvc" in parts else project_root
+    project = project or project_root()
+    parts = project.parts
+    return Path(*parts[: parts.index(".dvc")]) if ".dvc" in parts else project
 
 
 def tracking_uri() -> str:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages import PipelineError, check_interrupt, determinism, files, run_stage, tracking
+from stages import ArgumentParser, PipelineError, check_interrupt, determinism, files, run_stage, tracking
 from stages.config import ConfigError, Params, load_params
 from stages.data import load_split, verify_dir
 
@@ -122,7 +121,7 @@ def fit(model, train_set, eval_set, cfg: Params, eval_name: str = "test_acc", pr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True)

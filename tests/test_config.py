@@ -1,11 +1,13 @@
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from stages.config import NAME_MAX, PARAM_MAX, ConfigError, as_flat_dict, load_params, parse_params
-from tests.helpers import DVC, copy_project, default_params, error_line, make_project, run
+from tests.helpers import DVC, ROOT, copy_project, default_params, error_line, make_project, run
 
 
 def with_changes(**changes) -> dict:
@@ -244,3 +246,53 @@ def test_dvc_and_the_stages_refuse_a_duplicate_key_alike(tmp_path):
     stage = run([sys.executable, "-m", "stages.config"], project, check=False)
     assert stage.returncode == 1 and error_line(stage).startswith("error: params.yaml: line 5, column 1:")
     assert "duplicate key 'lr'" in error_line(stage)
+
+
+BILLION_LAUGHS = "".join(  # 396 bytes; 9**9 strings once its aliases are expanded
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+HOSTILE_FILES = {  # what a hostile or broken params.yaml can be: one line, in well under a second
+    "1000 deep": lambda text: text + "x: " + "{a: " * 1000 + "1" + "}" * 1000 + "\n",
+    "1000 deep in blocks": lambda text: text + "".join("  " * i + "k:\n" for i in range(1000)) + "  " * 1000 + "v\n",
+    "alias bomb": lambda text: BILLION_LAUGHS,
+    "50 MB value": lambda text: text.replace("lr: ", "lr: " + "x" * 50_000_000 + "\nold_lr: "),
+}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("1000 deep", r"params.yaml: line \d+: nested more than 20 levels deep"),
+        ("1000 deep in blocks", r"params.yaml: line \d+: nested more than 20 levels deep"),
+        ("alias bomb", r"params.yaml: line 6: more than 100000 values once its aliases are expanded"),
+        ("50 MB value", r"params.yaml: larger than 1 MB; params are a page of settings"),
+    ],
+)
+def test_hostile_params_files_are_one_short_line_at_once(tmp_path, case, message):
+    project = copy_project(tmp_path)
+    path = project / "params.yaml"
+    path.write_text(HOSTILE_FILES[case](path.read_text()))
+    started = time.monotonic()
+    proc = run([sys.executable, "-m", "stages.config"], project, check=False)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and len(proc.stderr) < 200
+    assert re.fullmatch(f"error: {message}", error_line(proc)), proc.stderr
+
+
+def test_hostile_params_are_refused_by_the_loader_too(tmp_path):
+    for case in HOSTILE_FILES:
+        path = tmp_path / "params.yaml"
+        path.write_text(HOSTILE_FILES[case]((ROOT / "params.yaml").read_text()))
+        with pytest.raises(ConfigError):
+            load_params(path)
+
+
+def test_a_long_value_or_key_is_cut_in_the_message():
+    params = default_params()
+    params["k" * 100_000] = 1
+    with pytest.raises(ConfigError) as refused:
+        parse_params(params)
+    assert len(str(refused.value)) < 400 and "characters)" in str(refused.value)

@@ -2,6 +2,7 @@ import contextlib
 import gzip
 import hashlib
 import http.server
+import os
 import resource
 import shutil
 import signal
@@ -438,3 +439,25 @@ def test_verify_dir_refuses_hand_edited_labels_naming_the_file(tmp_path):
 def test_verify_dir_points_at_download_when_a_file_is_missing(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte: missing; run the download stage"):
         data.verify_dir(tmp_path)
+
+
+NOT_A_FILE = {  # what can sit where a data file should be; each refused at once, none waited on
+    "a directory": (lambda p: p.mkdir(), "a directory, not a regular file"),
+    "a symlink loop": (lambda p: p.symlink_to(p.name), "Too many levels of symbolic links"),
+    "a FIFO": (lambda p: os.mkfifo(p), "a FIFO, not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_A_FILE)
+def test_something_else_in_place_of_a_data_file_is_one_line_at_once(tmp_path, case):
+    make, reason = NOT_A_FILE[case]
+    sums = write_dataset(tmp_path, gz=False)
+    target = tmp_path / "t10k-images-idx3-ubyte"
+    target.unlink()
+    make(target)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=f"^{target}: cannot read: {reason}$"):
+        load_split(tmp_path, "test")
+    with pytest.raises(DataError, match=f"^{target}: cannot read: {reason}$"):
+        data.verify_dir(tmp_path, sums)
+    assert time.monotonic() - started < 5

@@ -20,12 +20,14 @@ from tests.helpers import (
     EVALUATE,
     TRAIN,
     cli_env,
+    client_for,
     error_line,
     idx_bytes,
     make_project,
     run,
     runs,
     shrunk_params,
+    store_uri,
     synthetic_split,
 )
 
@@ -329,3 +331,108 @@ def test_ui_command_listens_on_this_machine_only():
     ui = [line for line in (ROOT / "Makefile").read_text().splitlines() if "mlflow ui" in line]
     assert ui and all("--host 127.0.0.1" in line for line in ui)
     assert "make ui" in (ROOT / "README.md").read_text()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in map(int, (task / "children").read_text().split()):
+                found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def registered_versions(project) -> list[str]:
+    client = client_for(store_uri(project))
+    return sorted(v.version for v in client.search_model_versions("name = 'fashion-mnist-softmax'"))
+
+
+def test_sigterm_to_dvc_stops_its_stage_which_publishes_nothing(trained):
+    """`kill -TERM <dvc pid>` mid-training: dvc goes, and so does the train stage it started, at its
+    next batch with the usual line; no model, no FINISHED run, no registered version appears."""
+    params = (trained / "params.yaml").read_text().replace("num_epochs: 1", "num_epochs: 100000")
+    (trained / "params.yaml").write_text(params)
+    versions = registered_versions(trained)
+    model = (trained / "models/model.pt").read_bytes()
+    dvc_proc = subprocess.Popen(
+        [DVC, "repro", "train"], cwd=trained, env=cli_env(PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in dvc_proc.stdout:  # wait until it is training
+        if line.startswith("epoch   2"):
+            break
+    stage = [pid for pid in descendants(dvc_proc.pid) if "stages.train" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert stage, "the train stage is not running under dvc"
+    dvc_proc.send_signal(signal.SIGTERM)
+    _, stderr = dvc_proc.communicate(timeout=60)  # the pipes close when the stage is gone too
+    deadline = time.monotonic() + 30
+    while any(map(alive, stage)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, stage)), "the train stage outlived dvc"
+    assert "error: interrupted by SIGTERM; outputs stay the previous complete ones" in stderr
+    assert "Traceback" not in stderr
+    model_now = trained / "models/model.pt"  # dvc deleted it before running the stage
+    assert not model_now.exists() or model_now.read_bytes() == model
+    assert registered_versions(trained) == versions
+    assert sorted(r.info.status for r in runs(trained)) == ["FINISHED", "KILLED"]
+
+
+def signal_handler_installed(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+def test_a_sigterm_in_a_stages_first_moments_gets_the_usual_line(trained):
+    """The handlers are in place as the `stages` package is imported, before numpy or torch load.
+    (SIGINT is not tested so: Python's own SIGINT handler is there from its first instruction.)"""
+    signum, shown = signal.SIGTERM, "SIGTERM"
+    before = snapshot(trained)
+    proc = subprocess.Popen(TRAIN, cwd=trained, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    while not signal_handler_installed(proc.pid, signum):
+        assert proc.poll() is None
+    early = "numpy" not in Path(f"/proc/{proc.pid}/maps").read_text()
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert early, "the handler came only after the heavy imports"
+    assert proc.returncode == 1
+    assert stderr.strip().splitlines() == [f"error: interrupted by {shown}; outputs stay the previous complete ones"]
+    assert snapshot(trained) == before
+
+
+def test_a_closed_stdout_is_one_line_not_a_traceback(trained):
+    """`fmnist-predict ... | head -0`: the reader has gone; one line on stderr, no traceback."""
+    reader_gone = subprocess.run(
+        "fmnist-predict --test-index 0 1 2 | head -0; exit ${PIPESTATUS[0]}",
+        shell=True, executable="/bin/bash", cwd=trained, env=cli_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert reader_gone.returncode == 1
+    assert reader_gone.stderr.strip().splitlines()[-1] == "error: stdout was closed (broken pipe)"
+    assert "Traceback" not in reader_gone.stderr
+
+
+def test_installed_commands_use_the_project_they_are_run_in(trained, tmp_path):
+    """This checkout's `fmnist-predict`/`fmnist-promote`, run inside another clone, use that clone's
+    model, data and store, and say so; outside any project they refuse in one line."""
+    inside = trained / "reports"  # any directory of the project
+    same = run(["python", "-m", "stages.predict", "--test-index", "0", "3"], trained)  # the clone's own code
+    predicted = run(["fmnist-predict", "--test-index", "0", "3"], inside)
+    assert predicted.stdout == same.stdout
+    assert predicted.stderr.splitlines() == [f"project: {trained}"]
+    promoted = run(["fmnist-promote", "no-such-experiment"], inside, check=False)
+    assert promoted.returncode == 1
+    assert f"in sqlite:///{trained}/mlflow.db" in error_line(promoted)
+    for command in (["fmnist-predict", "--test-index", "0"], ["fmnist-promote", "x"]):
+        outside = run(command, tmp_path, check=False)
+        assert outside.returncode == 1
+        assert outside.stderr.splitlines() == [
+            f"error: {tmp_path}: not inside a project (no directory above it has dvc.yaml and params.yaml)"
+        ]

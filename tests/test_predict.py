@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stages.predict import MAX_PIXELS, ImageError, load_image, top_k
-from tests.helpers import DVC, ROOT, lock_md5, run, synthetic_split
+from tests.helpers import DVC, ROOT, lock_md5, run, synthetic_split, write_dataset
 
 
 def photo(item: np.ndarray, size: int = 112) -> Image.Image:
@@ -124,6 +125,55 @@ def test_unknown_model_versions_and_aliases_get_one_line(tmp_path):
         assert proc.returncode == 1
         expected = f"error: models:/fashion-mnist-softmax{shown}: no such version or alias; no versions; no aliases"
         assert proc.stderr.strip() == expected
+
+
+def predict(cwd, *args: str, timeout: float = 30):
+    """`python -m stages.predict` as a program: exit code and the lines it wrote to stderr."""
+    return run([sys.executable, "-m", "stages.predict", *args], cwd, check=False, timeout=timeout, PYTHONPATH=str(ROOT))
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: os.mkfifo(p), "a FIFO, not a regular file"),
+        (lambda p: p.mkdir(), "a directory, not a regular file"),
+        (lambda p: p.symlink_to(p.name), "Too many levels of symbolic links"),
+    ],
+)
+def test_an_image_that_is_not_a_file_is_one_line_at_once(tmp_path, make, reason):
+    make(tmp_path / "fifo.png")
+    proc = predict(tmp_path, "fifo.png")
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [f"error: fifo.png: cannot read: {reason}"]
+
+
+def test_a_directory_as_the_test_images_is_one_line(tmp_path):
+    write_dataset(tmp_path / "data", gz=False)
+    (tmp_path / "data" / "t10k-images-idx3-ubyte").unlink()
+    (tmp_path / "data" / "t10k-images-idx3-ubyte").mkdir()
+    proc = predict(tmp_path, "--data", "data", "--test-index", "0")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "error: data/t10k-images-idx3-ubyte: cannot read: a directory, not a regular file"
+    ]
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("predict", [], "error: nothing to classify: give image files or --test-index"),
+        ("predict", ["--top", "0", "x.png"], "error: --top must be 1..10"),
+        (
+            "predict",
+            ["--test-index", "x"],
+            "error: argument --test-index: invalid int value: 'x'",
+        ),
+        ("promote", [], "error: the following arguments are required: target"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, module, args, message):
+    proc = run([sys.executable, "-m", f"stages.{module}", *args], tmp_path, check=False, PYTHONPATH=str(ROOT))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"{message} (see python -m stages.{module} --help)"]
 
 
 def test_usage_errors_name_what_is_missing():

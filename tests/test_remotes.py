@@ -174,9 +174,10 @@ def team(servers, tiny_source, tmp_path_factory):
     root = tmp_path_factory.mktemp("team")
     source, sums = tiny_source
     a = make_project(root / "a", shrunk_params(source), sums)
-    add_remote(a, "shared", servers.urls["shared"])
-    add_remote(a, "ssh", servers.urls["ssh"])
-    add_remote(a, "s3", servers.urls["s3"], endpointurl=servers.s3.endpoint)
+    # verify: a pull re-hashes what it downloads, as README's admin commands set it
+    add_remote(a, "shared", servers.urls["shared"], verify="true")
+    add_remote(a, "ssh", servers.urls["ssh"], verify="true")
+    add_remote(a, "s3", servers.urls["s3"], endpointurl=servers.s3.endpoint, verify="true")
     for kind in KINDS:
         add_credentials(a, kind, **credentials(servers, kind))
     git_commit_all(a, "Remote storage for the team")
@@ -216,6 +217,46 @@ def test_a_teammate_pulls_data_model_and_reports_and_has_nothing_to_run(team, ki
     assert outputs(b) == outputs(team.a)
     assert md5(b / "models" / "model.pt") == lock_md5(b, "train", "models/model.pt")
     assert ran(dvc(b, "repro", MLFLOW_TRACKING_URI=team.servers.mlflow).stdout) == set()
+
+
+@contextlib.contextmanager
+def one_byte_flipped(servers, kind: str, md5_hex: str):
+    """The remote's copy of one object with its last byte flipped, straight in the storage (as a
+    failing disk or a bad upload would leave it); put back afterwards for the module's other tests."""
+    key = f"files/md5/{md5_hex[:2]}/{md5_hex[2:]}"
+    if kind == "s3":
+        bucket, prefix = servers.urls["s3"].removeprefix("s3://").split("/", 1)
+        s3 = servers.s3.client()
+        good = s3.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
+        write = lambda data: s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)  # noqa: E731
+    else:  # the directory and the SSH server's directory are on this machine
+        path = Path(servers.urls[kind].split("127.0.0.1:", 1)[-1].lstrip("0123456789")) / key
+        good = path.read_bytes()
+        write = path.write_bytes
+    write(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    try:
+        yield
+    finally:
+        write(good)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_corrupted_object_on_the_remote_is_refused_and_never_reaches_the_workspace(team, kind):
+    dvc(team.a, "push", "-r", kind)
+    model_md5 = lock_md5(team.a, "train", "models/model.pt")
+    b = teammate_clone(team, f"corrupt-{kind}", kind)
+
+    with one_byte_flipped(team.servers, kind, model_md5):
+        pull = dvc(b, "pull", "-r", kind, check=False)
+
+    assert pull.returncode != 0, pull.stdout + pull.stderr
+    assert "ERROR: failed to pull data from the cloud" in pull.stderr, pull.stderr
+    assert "models/model.pt" in pull.stderr + pull.stdout, pull.stderr  # the culprit is named
+    model = b / "models" / "model.pt"
+    assert not model.exists() or md5(model) == model_md5  # never the corrupt bytes
+    assert md5(b / "data" / "fashion-mnist" / "train-images-idx3-ubyte") == md5(
+        team.a / "data" / "fashion-mnist" / "train-images-idx3-ubyte"
+    )  # the good objects still came
 
 
 # --- 2. experiments shared ---------------------------------------------------------------------
