@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from stages import ArgumentParser, PipelineError, run_stage
+from stages import ArgumentParser, PipelineError, project_root, run_stage
 from stages.config import ConfigError, as_flat_dict, load_params, parse_params
-from stages.tracking import MODEL_MD5_TAG, ROOT, import_mlflow, one_line_errors, redacted, tracking_uri
+from stages.tracking import MODEL_MD5_TAG, import_mlflow, one_line_errors, redacted, tracking_uri
 
 MODEL_PATH = "models/model.pt"
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -83,8 +83,9 @@ class Lineage:
         return f"run {self.run.info.run_name}" if self.run else f"model {self.model_md5}"
 
 
-def git(*args: str, cwd: Path = ROOT) -> str | None:
+def git(*args: str, cwd: Path | None = None) -> str | None:
     """git's output, or None when git fails (no such ref or commit, not a repository)."""
+    cwd = cwd or project_root()
     try:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
@@ -101,8 +102,9 @@ def lock_model_md5(lock_text: str | None) -> str | None:
         return None
 
 
-def experiments(project: Path = ROOT) -> list[Experiment]:
+def experiments(project: Path | None = None) -> list[Experiment]:
     """Every DVC experiment git holds in this project (what `dvc exp ls --all-commits` lists), newest first."""
+    project = project or project_root()
     listed = git("for-each-ref", "--sort=-committerdate", "--format=%(objectname) %(refname)", "refs/exps", cwd=project)
     found = []
     for line in (listed or "").splitlines():
@@ -114,7 +116,7 @@ def experiments(project: Path = ROOT) -> list[Experiment]:
     return found
 
 
-def params_at(commit: str, project: Path = ROOT) -> dict | None:
+def params_at(commit: str, project: Path | None = None) -> dict | None:
     """params.yaml at a commit, flat as MLflow logs it (`lr`, `data.local_dirs`, ...); None if absent."""
     text = git("show", f"{commit}:params.yaml", cwd=project)
     if text is None:
@@ -132,7 +134,7 @@ def logged_value(value) -> str:
     return json.dumps(value) if isinstance(value, list) else str(value)
 
 
-def params_differing(lineage: Lineage, project: Path = ROOT) -> dict[str, tuple[str, str | None]] | None:
+def params_differing(lineage: Lineage, project: Path | None = None) -> dict[str, tuple[str, str | None]] | None:
     """The run's params that differ from params.yaml at its commit: key -> (logged, at the commit)."""
     at_commit = params_at(lineage.commit, project) if lineage.commit else None
     if at_commit is None or lineage.run is None:
@@ -148,7 +150,8 @@ def params_differing(lineage: Lineage, project: Path = ROOT) -> dict[str, tuple[
 class Resolver:
     """Finds models in one tracking store and one git repository."""
 
-    def __init__(self, project: Path = ROOT):
+    def __init__(self, project: Path | None = None):
+        project = project or project_root()
         params = load_params(project / "params.yaml")
         self.project = project
         self.uri = tracking_uri()
@@ -296,11 +299,11 @@ class Resolver:
         return next((e for e in experiments(self.project) if e.name == name and e.model_md5 == md5), None)
 
 
-def resolve(target: str, project: Path = ROOT) -> Lineage:
+def resolve(target: str, project: Path | None = None) -> Lineage:
     return Resolver(project).resolve(target)
 
 
-def chain(lineage: Lineage, project: Path = ROOT) -> list[str]:
+def chain(lineage: Lineage, project: Path | None = None) -> list[str]:
     """The lineage in a few lines, registry first, data last."""
     run, lines = lineage.run, []
     if lineage.versions:
@@ -358,8 +361,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
+    run_stage(main, entry_point=True)
+
+
+if __name__ == "__main__":  # `python -m stages.lineage`: the checkout this code lives in
     run_stage(main)
-
-
-if __name__ == "__main__":
-    cli()

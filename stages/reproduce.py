@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from stages import ArgumentParser, PipelineError, check_interrupt, run_stage
+from stages import ArgumentParser, PipelineError, check_interrupt, project_root, run_stage
 from stages.lineage import MODEL_PATH, Lineage, Resolver, git
-from stages.tracking import ROOT, one_line_errors
+from stages.tracking import one_line_errors
 
 STORED_MODEL_FILE = "data/model.pt2"  # the logged model's weights (MLflow's pt2 export: deterministic bytes)
 
@@ -130,16 +130,16 @@ def rebuild(lineage: Lineage, work: Path, git_remote: str | None, dvc_remote: st
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"  # a throwaway store: nothing reaches yours
     env["DVC_NO_ANALYTICS"] = "1"
-    clone_commit(git_remote or str(ROOT), lineage.commit, clone, env)
+    clone_commit(git_remote or str(project_root()), lineage.commit, clone, env)
     committed = yaml.safe_load((clone / "params.yaml").read_text())
     (clone / "params.yaml").write_text(yaml.safe_dump(recorded_params(lineage, committed), sort_keys=False))
     dvc = [str(Path(bin_dir) / "dvc")]
     # The data: this project's DVC cache (or the team's remote) when it has it, else the download
     # stage's own sources (params' local directories, then mirrors); a remote's keys from config.local.
-    if (ROOT / ".dvc" / "config.local").is_file():
-        shutil.copy2(ROOT / ".dvc" / "config.local", clone / ".dvc" / "config.local")
+    if (project_root() / ".dvc" / "config.local").is_file():
+        shutil.copy2(project_root() / ".dvc" / "config.local", clone / ".dvc" / "config.local")
     quiet = dict(cwd=clone, env=env, capture_output=True, text=True)
-    remote = dvc_remote or subprocess.run([*dvc, "cache", "dir"], **{**quiet, "cwd": ROOT}).stdout.strip()
+    remote = dvc_remote or subprocess.run([*dvc, "cache", "dir"], **{**quiet, "cwd": project_root()}).stdout.strip()
     if remote:  # best effort: when it gives nothing, the download stage gets the data itself
         name = remote if "/" not in remote else "lineage-source"  # a remote the project names, or a URL
         if name != remote:
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
+    run_stage(main, entry_point=True)
+
+
+if __name__ == "__main__":  # `python -m stages.reproduce`: the checkout this code lives in
     run_stage(main)
-
-
-if __name__ == "__main__":
-    cli()
