@@ -104,3 +104,13 @@ def test_dvc_plots_diff_overlays_the_experiments_curves_offline(project):
     run([DVC, "plots", "diff", *names], project)  # the README's `dvc plots diff $(dvc exp ls --name-only)`
     marks = drawn_marks(project / "dvc_plots" / "index.html")
     assert marks["Training_curves"]["line"] >= 3 * 2  # the workspace's and slow-lr's curves in one chart
+
+
+def test_make_exps_fits_160_columns_with_the_changed_params_and_key_metrics(project):
+    table = run(["make", "-s", "exps"], project, COLUMNS="160").stdout
+    lines = [line.rstrip() for line in table.splitlines() if line.strip()]
+    assert max(map(len, lines)) <= 160 and "…" not in table
+    header = lines[1].split()
+    assert {"test_acc", "f1_macro", "epochs_run", "lr"} <= set(header)  # lr differs: 0.1 and slow-lr's 0.01
+    assert "batch_size" not in header and "model_md5" not in header  # the same in every row; an md5
+    assert any("[slow-lr]" in line for line in lines)
