@@ -26,7 +26,9 @@ ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only
 	  kill -0 $$pid 2>/dev/null || { echo "error: mlflow ui exited; see its output above" >&2; exit 1; }; sleep 1; \
 	done; \
 	echo; echo "MLflow UI ready; the runs of the first experiment, in the Model training view:"; \
-	echo "  http://127.0.0.1:$(UI_PORT)/#/experiments/1/runs?workflowType=machine_learning"; echo; \
+	echo "  http://127.0.0.1:$(UI_PORT)/#/experiments/1/runs?workflowType=machine_learning"; \
+	echo "The MLflow Assistant panel (right) and the Model registry's \"new Model Registry UI\" dialog close with their ×."; \
+	echo; \
 	wait $$pid
 
 # `dvc exp show` lists every dependency's md5 and every setting (about 1000 columns); this keeps the

@@ -24,7 +24,8 @@ import yaml
 
 from stages import ArgumentParser, PipelineError, project_root, run_stage
 from stages.config import ConfigError, as_flat_dict, load_params, parse_params
-from stages.tracking import MODEL_MD5_TAG, import_mlflow, one_line_errors, redacted, tracking_uri
+from stages.tracking.runs import MODEL_MD5_TAG
+from stages.tracking.store import import_mlflow, one_line_errors, redacted, tracking_uri
 
 MODEL_PATH = "models/model.pt"
 HEX32 = re.compile(r"[0-9a-f]{32}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from stages import ArgumentParser, PipelineError, run_stage
 from stages.lineage import Resolver
-from stages.tracking import CHAMPION, one_line_errors
+from stages.tracking import CHAMPION
+from stages.tracking.champion import current_champion
+from stages.tracking.store import one_line_errors
 
 
 class PromoteError(PipelineError):
@@ -30,10 +32,8 @@ def promote(target: str) -> str:
         raise PromoteError(f"{target!r}: run {lineage.run.info.run_id} registered no version of {name}")
     version = lineage.versions[-1]
     with one_line_errors(resolver.uri, "is not usable"):
-        try:
-            before = client.get_model_version_by_alias(name, CHAMPION).version
-        except Exception:  # no champion yet
-            before = None
+        champion = current_champion(client, name)
+        before = champion.version if champion else None
         client.set_registered_model_alias(name, CHAMPION, version.version)
     accuracy = version.tags.get("test_acc", "not evaluated")
     was = f"was version {before}" if before else "there was none"

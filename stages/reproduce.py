@@ -29,7 +29,7 @@ import yaml
 
 from stages import ArgumentParser, PipelineError, check_interrupt, project_root, run_stage
 from stages.lineage import MODEL_PATH, Lineage, Resolver, git
-from stages.tracking import one_line_errors
+from stages.tracking.store import one_line_errors
 
 STORED_MODEL_FILE = "data/model.pt2"  # the logged model's weights (MLflow's pt2 export: deterministic bytes)
 

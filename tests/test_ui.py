@@ -114,3 +114,24 @@ def test_make_exps_fits_160_columns_with_the_changed_params_and_key_metrics(proj
     assert {"test_acc", "f1_macro", "epochs_run", "lr"} <= set(header)  # lr differs: 0.1 and slow-lr's 0.01
     assert "batch_size" not in header and "model_md5" not in header  # the same in every row; an md5
     assert any("[slow-lr]" in line for line in lines)
+
+
+def test_the_assistant_panel_and_the_registry_dialog_close_as_the_readme_says(ui):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    _, url = ui
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(f"{url}/#/experiments/1/runs?workflowType=machine_learning")
+        assistant = page.get_by_placeholder("Ask a question...")  # the MLflow Assistant panel's input
+        assistant.wait_for(timeout=120_000)
+        page.get_by_role("button", name="Close").click()  # the × at its top right
+        assistant.wait_for(state="hidden", timeout=10_000)
+        page.goto(f"{url}/#/models")  # the sidebar's Model registry
+        dialog = page.get_by_role("dialog")
+        dialog.wait_for(timeout=60_000)
+        assert "new Model Registry UI" in dialog.inner_text()
+        dialog.get_by_role("button", name="Close").click()
+        dialog.wait_for(state="hidden", timeout=10_000)
+        page.get_by_text("fashion-mnist-softmax").first.wait_for(timeout=30_000)
+        browser.close()
