@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: pipeline test setup test-packages ui serve bench
+.PHONY: pipeline test setup test-packages ui serve bench exps
 
 pipeline: setup  ## set up, then run download -> train -> evaluate
 	dvc repro
@@ -26,8 +26,16 @@ ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000 (this machine only
 	  kill -0 $$pid 2>/dev/null || { echo "error: mlflow ui exited; see its output above" >&2; exit 1; }; sleep 1; \
 	done; \
 	echo; echo "MLflow UI ready; the runs of the first experiment, in the Model training view:"; \
-	echo "  http://127.0.0.1:$(UI_PORT)/#/experiments/1/runs?workflowType=machine_learning"; echo; \
+	echo "  http://127.0.0.1:$(UI_PORT)/#/experiments/1/runs?workflowType=machine_learning"; \
+	echo "The MLflow Assistant panel (right) and the Model registry's \"new Model Registry UI\" dialog close with their ×."; \
+	echo; \
 	wait $$pid
+
+# `dvc exp show` lists every dependency's md5 and every setting (about 1000 columns); this keeps the
+# params that differ between the rows shown and the metrics that matter. ARGS adds options (e.g. -A).
+EXPS_DROP := 'Created|.*/|(data|evaluate|tracking)\.|(device|determinism|model_md5|val_seed|f1_weighted|precision_.*|recall_.*)$$'
+exps:  ## experiments, best test_acc first: changed params and key metrics in 160 columns
+	dvc exp show --no-pager --only-changed --drop $(EXPS_DROP) --sort-by test_acc --sort-order desc --precision 4 $(ARGS)
 
 # The champion model (see README, "Serving"), from the project's store unless MLFLOW_TRACKING_URI
 # names another; --env-manager local: this venv, no conda or virtualenv built, nothing downloaded.

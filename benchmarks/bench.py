@@ -59,17 +59,17 @@ def epoch_probe(mode: str, reps: int) -> None:
     from stages.config import load_params
     from stages.data import load_split
     from stages.model import build_model, to_inputs
-    from stages.train import train_epoch
+    from stages.training import train_epoch
 
     determinism.threads(mode)
-    cfg = load_params()
+    params = load_params()
     images, labels = load_split(DATA, "train")
     inputs, targets = to_inputs(torch.from_numpy(images)), torch.from_numpy(labels).long()
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.init_std)
-    loss, sgd = torch.nn.CrossEntropyLoss(reduction="none"), torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    step = lambda: train_epoch(model, loss, sgd, inputs, targets, cfg.batch_size, generator, cfg.lr, 1)  # noqa: E731
+    torch.manual_seed(params.seed)
+    model = build_model(params.init_std)
+    loss, sgd = torch.nn.CrossEntropyLoss(reduction="none"), torch.optim.SGD(model.parameters(), lr=params.lr)
+    generator = torch.Generator().manual_seed(params.seed)
+    step = lambda: train_epoch(model, loss, sgd, inputs, targets, batch_size=params.batch_size, generator=generator)  # noqa: E731
     step()  # warm-up
     print(json.dumps({"epoch": median_time(step, max(reps, 5)), "threads": torch.get_num_threads()}))
 
@@ -91,19 +91,20 @@ def epoch_timings(reps: int) -> dict:
     from stages.config import load_params
     from stages.data import load_split
     from stages.model import build_model, to_inputs
-    from stages.train import train_epoch
+    from stages.training import train_epoch
 
-    cfg = load_params()
+    params = load_params()
     images, labels = load_split(DATA, "train")
     inputs, targets = to_inputs(torch.from_numpy(images)), torch.from_numpy(labels).long()
 
     def ours():
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.init_std)
+        torch.manual_seed(params.seed)
+        model = build_model(params.init_std)
         loss = torch.nn.CrossEntropyLoss(reduction="none")
-        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        return lambda: train_epoch(model, loss, sgd, inputs, targets, cfg.batch_size, generator, cfg.lr, 1), model
+        sgd = torch.optim.SGD(model.parameters(), lr=params.lr)
+        generator = torch.Generator().manual_seed(params.seed)
+        step = lambda: train_epoch(model, loss, sgd, inputs, targets, batch_size=params.batch_size, generator=generator)  # noqa: E731
+        return step, model
 
     step, _ = ours()
     step()  # warm-up
@@ -114,18 +115,18 @@ def epoch_timings(reps: int) -> dict:
     median_time(lambda: (flat @ weight, flat.T @ grad), 3)
     bound_s = median_time(lambda: (flat @ weight, flat.T @ grad), 9)
 
-    train_iter, _ = book.load_data_fashion_mnist(cfg.batch_size, DATA)
-    net, loss, trainer = book.build(cfg.seed)
+    train_iter, _ = book.load_data_fashion_mnist(params.batch_size, DATA)
+    net, loss, trainer = book.build(params.seed)
     book_s = median_time(lambda: book.train_epoch_ch3(net, train_iter, loss, trainer), reps)
 
     # Speed may not change the numbers: the same epoch, the plainest way (advanced indexing).
     step, fast_model = ours()
     step()
-    torch.manual_seed(cfg.seed)
-    plain = build_model(cfg.init_std)
-    sgd = torch.optim.SGD(plain.parameters(), lr=cfg.lr)
-    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed))
-    for batch in order.split(cfg.batch_size):
+    torch.manual_seed(params.seed)
+    plain = build_model(params.init_std)
+    sgd = torch.optim.SGD(plain.parameters(), lr=params.lr)
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(params.seed))
+    for batch in order.split(params.batch_size):
         sgd.zero_grad()
         torch.nn.functional.cross_entropy(plain(inputs[batch]), targets[batch], reduction="none").mean().backward()
         sgd.step()

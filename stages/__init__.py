@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 import signal
 import sys
@@ -119,11 +120,28 @@ def _fail(message: str, code: int = 1):
     sys.exit(code)
 
 
+class _ConsoleHandler(logging.Handler):
+    """Library modules' messages as plain lines: news on stdout, warnings (and worse) on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
+
+
+def _log_to_console() -> None:
+    """The one logging route: every `logging.getLogger(__name__)` under stages/ prints its line."""
+    logger = logging.getLogger(__name__)
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run_stage(main, entry_point: bool = False) -> None:
     """Run a stage's main() as a program: a failure ends it with one `error:` line, not a traceback.
 
     `entry_point`: an installed command (`fmnist-predict`): it works on the project the cwd is in."""
     global _project
+    _log_to_console()
     if sys.argv[:1] != ["-m"]:  # an installed command or a test's script: handlers not yet set
         _stop_with_parent()
     try:

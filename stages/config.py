@@ -67,6 +67,7 @@ class TrackingConfig(_Section):
 
 
 SECTIONS = ("data", "evaluate", "tracking")
+EVALUATION = "evaluate"  # the section that does not shape the model
 
 
 class Params(_Section):
@@ -93,7 +94,7 @@ class Params(_Section):
         if self.patience and not self.val_size:
             raise ValueError(f"patience: {self.patience} needs a validation split; set val_size > 0")
         for key, value in as_flat_dict(self).items():
-            logged = json.dumps(value) if isinstance(value, list) else str(value)  # as tracking.py logs it
+            logged = mlflow_value(value)
             if len(logged) > PARAM_MAX:
                 raise ValueError(f"{key}: {len(logged)} characters, more than MLflow keeps for a param ({PARAM_MAX})")
         return self
@@ -101,6 +102,20 @@ class Params(_Section):
     def hyperparameters(self) -> dict:
         """The top-level keys: what a checkpoint records as the config it was trained with."""
         return self.model_dump(exclude=set(SECTIONS))
+
+    def training_params(self) -> dict:
+        """Every param that shapes the model (all but the evaluation settings), flat: what a training
+        run logs as its MLflow params and hashes into its name."""
+        return self.hyperparameters() | _flat_sections(self, [s for s in SECTIONS if s != EVALUATION])
+
+    def evaluation_settings(self) -> dict:
+        """`evaluate.*`, flat: how a model was evaluated, which may change between evaluations."""
+        return _flat_sections(self, [EVALUATION])
+
+
+def mlflow_value(value) -> str:
+    """A param's value as MLflow stores it: lists as JSON, everything else as str()."""
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def _expected(field) -> str:
@@ -217,10 +232,13 @@ def load_params(path: Path | None = None) -> Params:
     return parse_params(raw)
 
 
+def _flat_sections(params: Params, sections) -> dict:
+    return {f"{s}.{key}": value for s in sections for key, value in getattr(params, s).model_dump().items()}
+
+
 def as_flat_dict(params: Params) -> dict:
     """Params as MLflow wants them: top-level hyperparameters plus dotted section keys."""
-    sections = {f"{s}.{key}": value for s in SECTIONS for key, value in getattr(params, s).model_dump().items()}
-    return params.hyperparameters() | sections
+    return params.hyperparameters() | _flat_sections(params, SECTIONS)
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import shutil
-import sys
 import tempfile
 import time
 import urllib.error
@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from stages import PipelineError, check_interrupt, files
+
+log = logging.getLogger(__name__)
 
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -282,10 +284,10 @@ def fetch_all(
                     fetch_file(name, checksums[name], source, staging, timeout, retries, deadline)
                 except DataError as e:
                     tried.append(str(e))
-                    print(f"  skipped: {e}", file=sys.stderr)
+                    log.warning("  skipped: %s", e)
                     continue
                 used[name] = source.describe(name)
-                print(f"  {name}: verified, from {used[name]}")
+                log.info("  %s: verified, from %s", name, used[name])
                 break
             else:
                 raise DataError(

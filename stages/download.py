@@ -16,9 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    cfg = load_params().data
-    sources = sources_from(cfg.local_dirs, cfg.mirrors)
-    fetch_all(args.out, sources, read_checksums(), cfg.timeout_s, cfg.retries, cfg.deadline_s)
+    data = load_params().data
+    sources = sources_from(data.local_dirs, data.mirrors)
+    fetch_all(args.out, sources, read_checksums(), data.timeout_s, data.retries, data.deadline_s)
 
 
 if __name__ == "__main__":

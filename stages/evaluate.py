@@ -7,128 +7,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
-import numpy as np
-
 from stages import ArgumentParser, PipelineError, check_interrupt, determinism, files, run_stage, tracking
-from stages.config import as_flat_dict, load_params
-from stages.data import CLASSES, load_split
-
-# Misclassified images are drawn as one mosaic in one axes (36 subplots take seconds to lay out):
-# each cell is a 28x28 image with a caption band above it and a margin either side.
-MOSAIC_COLUMNS = 6
-CAPTION_HEIGHT = 12
-CELL_MARGIN = 6
-CELL = 28 + CAPTION_HEIGHT  # square cells: 28 + 2 * CELL_MARGIN == CELL
-INCHES_PER_CELL = (1.6, 1.9)  # width, height: room for two caption lines
-
-
-def predict(model, images_u8, batch_size: int):
-    """Logits for uint8 images, in batches."""
-    import torch
-
-    from stages.model import to_inputs
-
-    with torch.inference_mode():
-        return torch.cat(
-            [model(to_inputs(images_u8[i : i + batch_size])) for i in range(0, len(images_u8), batch_size)]
-        )
-
-
-def compute_metrics(logits, labels) -> tuple[dict, dict, str]:
-    """(metrics for DVC, report as dict, report as text)."""
-    import torch
-    from sklearn.metrics import classification_report
-
-    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
-    predicted = logits.argmax(1).cpu().numpy()
-    actual = labels.cpu().numpy()
-    kwargs = dict(labels=list(range(len(CLASSES))), target_names=list(CLASSES), digits=4, zero_division=0)
-    report = classification_report(actual, predicted, output_dict=True, **kwargs)
-    text = classification_report(actual, predicted, **kwargs)
-    metrics = {"test_loss": loss, "test_acc": report["accuracy"]}
-    for avg in ("macro", "weighted"):
-        for name in ("precision", "recall", "f1-score"):
-            metrics[f"{name.replace('-score', '')}_{avg}"] = report[f"{avg} avg"][name]
-    return metrics, report, text
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def draw_curves(history: list[dict]) -> bytes:
-    """The book's training plot: train loss, train accuracy and held-out accuracy per epoch."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    epochs = [row["epoch"] for row in history]
-    for key, style in (("train_loss", "-"), ("train_acc", "m--"), ("test_acc", "g-."), ("val_acc", "g-.")):
-        if history[0].get(key) is not None:
-            ax.plot(epochs, [row[key] for row in history], style, label=key.replace("_", " "))
-    ax.set(xlabel="epoch", xlim=(1, max(epochs[-1], 2)), ylim=(0.3, 0.9))
-    ax.grid(True)
-    ax.legend()
-    return _png(fig)
-
-
-def draw_confusion(actual, predicted) -> bytes:
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig, ax = plt.subplots(figsize=(8, 7))
-    ConfusionMatrixDisplay.from_predictions(
-        actual, predicted, labels=list(range(len(CLASSES))), display_labels=CLASSES,
-        ax=ax, xticks_rotation=45, colorbar=False,
-    )  # fmt: skip
-    return _png(fig)
-
-
-def draw_misclassified(images_u8, actual, predicted, probabilities, limit: int) -> bytes:
-    """The first `limit` misclassified test images, each captioned with truth and prediction."""
-    import matplotlib.pyplot as plt
-
-    wrong = np.flatnonzero(predicted != actual)[:limit]
-    rows = max(1, -(-len(wrong) // MOSAIC_COLUMNS))
-    mosaic = np.zeros((rows * CELL, MOSAIC_COLUMNS * CELL))
-    fig, ax = plt.subplots(figsize=(MOSAIC_COLUMNS * INCHES_PER_CELL[0], rows * INCHES_PER_CELL[1]))
-    for k, i in enumerate(wrong):
-        top, left = (k // MOSAIC_COLUMNS) * CELL, (k % MOSAIC_COLUMNS) * CELL
-        mosaic[top + CAPTION_HEIGHT : top + CELL, left + CELL_MARGIN : left + CELL - CELL_MARGIN] = images_u8[i]
-        caption = f"true: {CLASSES[actual[i]]}\npred: {CLASSES[predicted[i]]} {probabilities[i, predicted[i]]:.0%}"
-        ax.text(left + CELL / 2, top + CAPTION_HEIGHT - 1, caption, ha="center", va="bottom", fontsize=7)
-    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255)
-    ax.axis("off")
-    return _png(fig)
-
-
-def reports(history: list[dict], logits, labels, images_u8, grid: int) -> tuple[dict, dict[str, bytes]]:
-    """(metrics, every report file by name): the stage's outputs, as bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    metrics, report, text = compute_metrics(logits, labels)
-    actual, predicted = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
-    confusion = [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(actual, predicted, strict=True)]
-    as_json = lambda obj: (json.dumps(obj, indent=2) + "\n").encode()  # noqa: E731
-    probabilities = logits.softmax(1).cpu().numpy()
-    return metrics, {
-        "metrics.json": as_json(metrics),
-        "classification_report.txt": text.encode(),
-        "classification_report.json": as_json(report),
-        "confusion.json": as_json(confusion),
-        "curves.png": draw_curves(history),
-        "confusion.png": draw_confusion(actual, predicted),
-        "misclassified.png": draw_misclassified(images_u8, actual, predicted, probabilities, grid),
-    }
+from stages.config import load_params
+from stages.data import load_split
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params()
-    cfg = params.evaluate
+    settings = params.evaluate
     try:
         history = json.loads(args.history.read_text())
         model_md5 = hashlib.md5(args.model.read_bytes()).hexdigest()
@@ -149,16 +33,18 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from stages import reports  # torch, scikit-learn and matplotlib, after determinism.apply
     from stages.model import load_checkpoint
 
     determinism.threads(params.determinism)
     model, _ = load_checkpoint(args.model)
     images, labels = load_split(args.data, "test")
     with tracking.evaluation_run(params, model_md5) as run, files.Outputs() as out:
-        logits = predict(model, torch.from_numpy(images), cfg.batch_size)
-        metrics, outputs = reports(history, logits, torch.from_numpy(labels).long(), images, cfg.misclassified_grid)
-        settings = {k: v for k, v in as_flat_dict(params).items() if k.startswith("evaluate.")}
-        run.log_evaluation(metrics, settings, outputs)
+        logits = reports.predict(model, torch.from_numpy(images), settings.batch_size)
+        metrics, outputs = reports.report_files(
+            history, logits, torch.from_numpy(labels).long(), images, settings.misclassified_grid
+        )
+        run.log_evaluation(metrics, params.evaluation_settings(), outputs)
         champion = run.update_champion(metrics["test_acc"])
         for name, data in outputs.items():
             out.write_bytes(args.out / name, data)

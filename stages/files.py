@@ -39,11 +39,8 @@ class Outputs:
         except OSError as e:
             raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
 
-    def write_text(self, path: Path, text: str) -> None:
-        self.write_bytes(path, text.encode())
-
     def write_json(self, path: Path, obj) -> None:
-        self.write_text(path, json.dumps(obj, indent=2) + "\n")
+        self.write_bytes(path, json_bytes(obj))
 
     def discard(self) -> None:
         for tmp, _ in self._staged:
@@ -79,17 +76,9 @@ def publish(tmp: str | Path, path: Path) -> None:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    with Outputs() as out:
-        out.write_bytes(path, data)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
-def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+def json_bytes(obj) -> bytes:
+    """JSON as every output and artifact of the project is written: indented, one final newline."""
+    return (json.dumps(obj, indent=2) + "\n").encode()
 
 
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages import PipelineError, files
+from stages import PipelineError
 from stages.config import ConfigError
 from stages.data import IMAGE_SHAPE, NUM_CLASSES
 
@@ -44,10 +44,6 @@ def checkpoint_bytes(model: nn.Module, config: dict, **extra) -> bytes:
     buffer = io.BytesIO()
     torch.save({"state_dict": state, "config": config, **extra}, buffer)
     return buffer.getvalue()
-
-
-def save_checkpoint(path: Path, model: nn.Module, config: dict, **extra) -> None:
-    files.write_bytes(path, checkpoint_bytes(model, config, **extra))
 
 
 class CheckpointError(PipelineError):

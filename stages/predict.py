@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import ArgumentParser, PipelineError, project_root, run_stage
-from stages.data import CLASSES, DataError, load_split
+from stages.data import CLASSES, load_split
 from stages.files import open_regular
 
 # Checked from the file's header before any pixel is decoded: a 165 KB palette PNG can declare
@@ -116,12 +116,10 @@ def registered_model_uri(name: str, version_or_alias: str) -> str:
 
 def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.ndarray) -> tuple[np.ndarray, str]:
     """The registered MLflow model's probabilities (it already ends in a softmax), and which version answered."""
-    from stages.tracking import import_mlflow, redacted, tracking_uri
+    from stages.tracking import connect, redacted
 
-    mlflow = import_mlflow()
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    store = connect()
+    mlflow, client = store.mlflow, store.client
     model_uri = registered_model_uri(name, version_or_alias)
     try:
         if version_or_alias.isdigit():
@@ -129,28 +127,27 @@ def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.nd
         else:
             version = client.get_model_version_by_alias(name, version_or_alias)
     except mlflow.exceptions.MlflowException:
-        raise ModelError(f"{model_uri}: no such version or alias; {_known_versions(mlflow, name)}") from None
+        raise ModelError(f"{model_uri}: no such version or alias; {_known_versions(store, name)}") from None
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except mlflow.exceptions.MlflowException as e:
         reason = str(e).strip().splitlines()[0][:300]
-        raise ModelError(redacted(f"{model_uri}: cannot load it from {uri}: {reason}")) from None
+        raise ModelError(redacted(f"{model_uri}: cannot load it from {store.uri}: {reason}")) from None
     import torch  # loading the model imported it already
 
     from stages.model import to_inputs
 
     alias = "" if version_or_alias.isdigit() else f" (@{version_or_alias})"
-    answered = redacted(f"model: {name} version {version.version}{alias} from {uri}")
+    answered = redacted(f"model: {name} version {version.version}{alias} from {store.uri}")
     return np.asarray(model.predict(to_inputs(torch.from_numpy(images_u8)).numpy())), answered
 
 
-def _known_versions(mlflow, name: str) -> str:
+def _known_versions(store, name: str) -> str:
     """What the user could have asked for instead."""
-    client = mlflow.MlflowClient()
     try:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        aliases = sorted(client.get_registered_model(name).aliases)
-    except mlflow.exceptions.MlflowException:
+        versions = sorted(int(v.version) for v in store.client.search_model_versions(f"name='{name}'"))
+        aliases = sorted(store.client.get_registered_model(name).aliases)
+    except store.mlflow.exceptions.MlflowException:
         return f"no registered model {name!r} in this store (run the pipeline first)"
     listed = f"versions {', '.join(map(str, versions))}" if versions else "no versions"
     return listed + (f"; aliases {', '.join(aliases)}" if aliases else "; no aliases")
@@ -180,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         names.append(str(path))
         truth.append(None)
     if args.test_index:
-        try:
-            test_images, test_labels = load_split(args.data, "test")
-        except DataError as e:
-            raise ImageError(str(e)) from None
+        test_images, test_labels = load_split(args.data, "test")
         for i in args.test_index:
             if not 0 <= i < len(test_labels):
                 raise ImageError(f"--test-index {i}: the test set has images 0..{len(test_labels) - 1}")
@@ -198,12 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         name = load_params().tracking.registered_model
         probabilities, answered = probabilities_from_mlflow(name, asked, batch)
     else:
-        from stages.model import CheckpointError
-
-        try:
-            probabilities = probabilities_from_checkpoint(args.model, batch)
-        except CheckpointError as e:
-            raise ImageError(str(e)) from None
+        probabilities = probabilities_from_checkpoint(args.model, batch)
         answered = checkpoint_description(args.model)
     print(answered)
     for name, true, probs in zip(names, truth, probabilities, strict=True):

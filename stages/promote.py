@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from stages import ArgumentParser, PipelineError, run_stage
 from stages.config import load_params
-from stages.tracking import CHAMPION, import_mlflow, one_line_errors, redacted, tracking_uri
+from stages.tracking import CHAMPION, connect, redacted
+from stages.tracking.champion import current_champion, newest_version
 
 
 class PromoteError(PipelineError):
@@ -21,11 +22,13 @@ class PromoteError(PipelineError):
 
 def find_run(client, experiment_id: str, target: str):
     """The run with this id, else the newest finished run of the DVC experiment with this name."""
+    from mlflow.exceptions import MlflowException
+
     try:
         run = client.get_run(target)
         if run.info.experiment_id == experiment_id:
             return run
-    except Exception:  # not a run id: MLflow says so with an exception
+    except MlflowException:  # not a run id
         pass
     for key in ("tags.`dvc.exp_name`", "attributes.run_name"):
         found = client.search_runs(
@@ -41,24 +44,20 @@ def find_run(client, experiment_id: str, target: str):
 
 def promote(target: str) -> str:
     params = load_params()
-    uri = tracking_uri()
-    mlflow = import_mlflow()
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    store = connect()
     name = params.tracking.registered_model
-    with one_line_errors(uri, "is not usable"):
+    with store.operation("is not usable") as client:
         experiment = client.get_experiment_by_name(params.tracking.experiment)
         run = find_run(client, experiment.experiment_id, target) if experiment else None
         if run is None:
-            raise PromoteError(redacted(f"{target!r}: neither an MLflow run id nor a DVC experiment name in {uri}"))
-        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-        if not versions:
+            raise PromoteError(
+                redacted(f"{target!r}: neither an MLflow run id nor a DVC experiment name in {store.uri}")
+            )
+        version = newest_version(client, run.info.run_id)
+        if version is None:
             raise PromoteError(f"{target!r}: run {run.info.run_id} registered no version of {name}")
-        version = max(versions, key=lambda v: int(v.version))
-        try:
-            before = client.get_model_version_by_alias(name, CHAMPION).version
-        except Exception:  # no champion yet
-            before = None
+        champion = current_champion(client, name)
+        before = champion.version if champion else None
         client.set_registered_model_alias(name, CHAMPION, version.version)
     accuracy = version.tags.get("test_acc", "not evaluated")
     was = f"was version {before}" if before else "there was none"

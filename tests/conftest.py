@@ -1,4 +1,4 @@
-"""Shared fixtures; the helpers they use live in tests/helpers.py."""
+"""Shared fixtures; the helpers they use live in tests/helpers/."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from stages.config import NAME_MAX, PARAM_MAX, ConfigError, as_flat_dict, load_params, parse_params
-from tests.helpers import DVC, ROOT, copy_project, default_params, error_line, make_project, run
+from tests.helpers import DVC, ROOT, copy_project, default_params, error_line, make_project, run, stage_command
 
 
 def with_changes(**changes) -> dict:
@@ -109,12 +109,9 @@ def test_stage_stops_on_bad_params_before_importing_torch(tmp_path, stage, case)
     text = (project / "params.yaml").read_text()
     assert good in text
     (project / "params.yaml").write_text(text.replace(good, bad, 1))
-    args = {"download": ["--out", "d"], "train": ["--data", "d", "--model", "m", "--history", "h", "--run-info", "r"]}
-    args["evaluate"] = [*args["train"][:6], "--out", "o"]
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", f"stages.{stage}", *args[stage]],
-        cwd=project, capture_output=True, text=True,
-    )  # fmt: skip
+        stage_command(stage, sys.executable, "-X", "importtime"), cwd=project, capture_output=True, text=True
+    )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert len(errors) == 1 and errors[0].startswith(message)

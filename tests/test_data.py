@@ -148,7 +148,7 @@ def test_uncompressed_local_copy_works_too(pinned, tmp_path):
     assert listing(tmp_path / "data") == sorted(FILES)
 
 
-def test_missing_directory_then_mirror(pinned, mirror, tmp_path, capsys):
+def test_missing_directory_then_mirror(pinned, mirror, tmp_path, caplog):
     source, _ = pinned
     mirror.serve_dir("/fmnist", source)
     out = tmp_path / "data"
@@ -161,10 +161,10 @@ def test_missing_directory_then_mirror(pinned, mirror, tmp_path, capsys):
         deadline=30,
     )
     assert listing(out) == sorted(FILES)
-    assert f"{tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: no such directory" in caplog.text
 
 
-def test_corrupted_file_is_rejected_and_next_source_used(pinned, mirror, tmp_path, capsys):
+def test_corrupted_file_is_rejected_and_next_source_used(pinned, mirror, tmp_path, caplog):
     source, sums = pinned
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -173,7 +173,7 @@ def test_corrupted_file_is_rejected_and_next_source_used(pinned, mirror, tmp_pat
     mirror.serve_dir("/good", source)
     out = tmp_path / "data"
     fetch_all(out, [Source(str(bad)), Source(mirror.url + "/good")], pinned[1], timeout=5, retries=0, deadline=30)
-    err = capsys.readouterr().err
+    err = caplog.text
     name = "train-images-idx3-ubyte"
     assert f"{name} from {bad}/{name}: SHA-256 " in err
     assert f"does not match the expected {sums[name]}" in err
@@ -303,14 +303,14 @@ def file_size_limit(nbytes: int):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def test_dripping_mirror_is_cut_off_at_the_deadline_and_the_next_source_used(pinned, mirror, tmp_path, capsys):
+def test_dripping_mirror_is_cut_off_at_the_deadline_and_the_next_source_used(pinned, mirror, tmp_path, caplog):
     source, sums = pinned
     name = "train-images-idx3-ubyte"
     # A byte every 50 ms: each read returns well within timeout_s, only the deadline can stop it.
     mirror.drips[f"/drip/{name}.gz"] = ((source / f"{name}.gz").read_bytes(), 100, 0.05)
     out = tmp_path / "data" / "fashion-mnist"
     fetch_all(out, [Source(mirror.url + "/drip"), Source(str(source))], sums, timeout=5, retries=0, deadline=1)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"skipped: {mirror.url}/drip/{name}.gz: not complete within the 1 s deadline (data.deadline_s)\n" in err
     assert listing(out) == sorted(FILES)
     assert listing(tmp_path / "data") == ["fashion-mnist"]
@@ -328,7 +328,7 @@ def test_retries_stop_at_the_deadline(pinned, mirror, tmp_path):
     assert 1 <= len(mirror.hits) < 11
 
 
-def test_gzip_bomb_is_stopped_at_the_size_its_header_announces(pinned, mirror, tmp_path, capsys):
+def test_gzip_bomb_is_stopped_at_the_size_its_header_announces(pinned, mirror, tmp_path, caplog):
     source, sums = pinned
     name = "train-images-idx3-ubyte"
     size = 16 + TINY_TRAIN * 28 * 28
@@ -338,7 +338,7 @@ def test_gzip_bomb_is_stopped_at_the_size_its_header_announces(pinned, mirror, t
     out = tmp_path / "data" / "fashion-mnist"
     with file_size_limit(4 << 20):  # writing the bomb out would fail past 4 MiB ("File too large")
         fetch_all(out, [Source(mirror.url + "/bomb"), Source(str(source))], sums, timeout=5, retries=0, deadline=30)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert (
         f"skipped: {name}: more than the {size} bytes its IDX header announces (padded, or a gzip bomb) "
         f"(from {mirror.url}/bomb/{name}.gz)\n"

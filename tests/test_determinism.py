@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import DVC, EVALUATE, REAL_DATA, ROOT, TRAIN, copy_project, git_commit_all, lock_md5, run
+from tests.helpers import DVC, REAL_DATA, ROOT, copy_project, git_commit_all, lock_md5, run, stage_command
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,10 @@ def train_as_user(project: Path, threads: int, capability: str, evaluate: bool =
     """Run the train stage as a user whose environment asks for other settings; md5 of its outputs."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "ATEN_CPU_CAPABILITY": capability}
     env["MKL_CBWR"] = "AUTO"  # what portable mode must override
-    run(TRAIN, project, **env)
+    run(stage_command("train"), project, **env)
     outputs = ["models/model.pt", "reports/train/history.json", "reports/train/run.json"]
     if evaluate:
-        run(EVALUATE, project, **env)
+        run(stage_command("evaluate"), project, **env)
         outputs += ["reports/eval/metrics.json", "reports/eval/classification_report.json"]
     return {path: md5(project / path) for path in outputs}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stages.data import CLASSES
-from stages.evaluate import compute_metrics, predict, reports
 from stages.model import build_model
+from stages.reports import compute_metrics, predict, report_files
 from tests.helpers import synthetic_split
 
 
@@ -48,7 +48,7 @@ def test_reports_are_every_output_and_agree_with_each_other():
     model = build_model(0.01)
     logits = predict(model, torch.from_numpy(images), batch_size=16)
     history = [{"epoch": 1, "train_loss": 2.0, "train_acc": 0.3, "test_acc": 0.4, "val_acc": None}]
-    metrics, outputs = reports(history, logits, torch.from_numpy(labels).long(), images, grid=6)
+    metrics, outputs = report_files(history, logits, torch.from_numpy(labels).long(), images, grid=6)
     assert set(outputs) == {
         "metrics.json", "classification_report.txt", "classification_report.json", "confusion.json",
         "curves.png", "confusion.png", "misclassified.png",
@@ -61,4 +61,4 @@ def test_reports_are_every_output_and_agree_with_each_other():
     assert right / 60 == metrics["test_acc"]
     assert all(outputs[name].startswith(b"\x89PNG") for name in ("curves.png", "confusion.png", "misclassified.png"))
     # The same inputs draw the same bytes: DVC hashes the pictures.
-    assert reports(history, logits, torch.from_numpy(labels).long(), images, grid=6)[1] == outputs
+    assert report_files(history, logits, torch.from_numpy(labels).long(), images, grid=6)[1] == outputs

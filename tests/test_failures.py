@@ -17,8 +17,6 @@ import torch
 
 from tests.helpers import (
     DVC,
-    EVALUATE,
-    TRAIN,
     cli_env,
     client_for,
     error_line,
@@ -27,6 +25,8 @@ from tests.helpers import (
     run,
     runs,
     shrunk_params,
+    stage_argv,
+    stage_command,
     store_uri,
     synthetic_split,
 )
@@ -72,7 +72,7 @@ def test_bad_data_reaching_train_is_named(trained, mutate, message):
         target.unlink()  # DVC may have linked it from the cache; never write through that link
         target.write_bytes(idx_bytes(np.ascontiguousarray(array)))
     before = snapshot(trained)
-    proc = run(TRAIN, trained, check=False)
+    proc = run(stage_command("train"), trained, check=False)
     assert proc.returncode == 1
     assert error_line(proc).startswith("error: data/fashion-mnist/train-") and message in error_line(proc)
     assert snapshot(trained) == before
@@ -84,7 +84,7 @@ def test_hand_edited_labels_in_range_are_refused_before_training(trained):
     target.unlink()  # DVC may have linked it from the cache; never write through that link
     target.write_bytes(idx_bytes((labels + 1) % 10))  # every label still in 0..9
     before = snapshot(trained)
-    proc = run(TRAIN, trained, check=False)
+    proc = run(stage_command("train"), trained, check=False)
     assert proc.returncode == 1
     assert error_line(proc).startswith("error: data/fashion-mnist/train-labels-idx1-ubyte: SHA-256 ")
     assert error_line(proc).endswith("(stages/fashion-mnist.sha256); run the download stage (dvc repro download)")
@@ -121,7 +121,12 @@ def test_interrupted_training_keeps_the_previous_model_and_marks_the_run_killed(
     (trained / "params.yaml").write_text(params)
     before = snapshot(trained)
     proc = subprocess.Popen(
-        TRAIN, cwd=trained, env=cli_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        stage_command("train"),
+        cwd=trained,
+        env=cli_env(PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in proc.stdout:  # wait until it is training
         if line.startswith("epoch   2"):
@@ -142,9 +147,9 @@ def test_interrupted_training_keeps_the_previous_model_and_marks_the_run_killed(
 # wherever Python happened to be was swallowed by SQLAlchemy's finalizers (7 times in 13).
 SIGNAL_AS_THE_RUN_OPENS = """
 import os, signal, sys
-import stages.tracking as tracking
+import stages.tracking.store as store
 
-real_import = tracking.import_mlflow
+real_import = store.import_mlflow
 
 def import_mlflow_and_signal_on_create_run():
     mlflow = real_import()
@@ -157,7 +162,7 @@ def import_mlflow_and_signal_on_create_run():
     mlflow.MlflowClient.create_run = create_run_after_a_signal
     return mlflow
 
-tracking.import_mlflow = import_mlflow_and_signal_on_create_run
+store.import_mlflow = import_mlflow_and_signal_on_create_run
 from stages import run_stage
 from stages.train import main
 sys.argv = {argv!r}
@@ -168,7 +173,7 @@ run_stage(main)
 @pytest.mark.parametrize("signal_name, shown", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
 def test_a_signal_as_the_run_opens_is_never_swallowed(trained, signal_name, shown):
     before = snapshot(trained)
-    script = SIGNAL_AS_THE_RUN_OPENS.format(signal=signal_name, argv=TRAIN[2:])
+    script = SIGNAL_AS_THE_RUN_OPENS.format(signal=signal_name, argv=stage_argv("train"))
     proc = run(["python", "-c", script], trained, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
@@ -199,7 +204,7 @@ def test_a_full_disk_is_one_line_and_publishes_none_of_the_outputs(trained):
     """The model would fit; the history behind it does not: neither may replace the old ones."""
     before = snapshot(trained)
     with full_disk(trained / "reports" / "train"):
-        proc = run(TRAIN, trained, check=False)
+        proc = run(stage_command("train"), trained, check=False)
         assert proc.returncode == 1
         assert error_line(proc) == "error: reports/train/history.json: cannot write: No space left on device"
         assert "Traceback" not in proc.stderr
@@ -236,7 +241,7 @@ def test_evaluate_refuses_a_bad_model_file_without_running_its_code(trained, con
     else:
         model.write_bytes(content)
     metrics = (trained / "reports/eval/metrics.json").read_bytes()
-    proc = run(EVALUATE, trained, check=False)
+    proc = run(stage_command("evaluate"), trained, check=False)
     assert proc.returncode == 1
     assert error_line(proc).startswith("error: models/model.pt: ") and message in error_line(proc)
     assert not (trained / "pwned").exists()
@@ -253,7 +258,7 @@ def test_evaluate_refuses_a_bad_model_file_without_running_its_code(trained, con
 def test_bad_tracking_uri_is_one_line_without_secrets(trained, uri, shown):
     before = snapshot(trained)
     start = time.monotonic()
-    proc = run(TRAIN, trained, check=False, MLFLOW_TRACKING_URI=uri)
+    proc = run(stage_command("train"), trained, check=False, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 1
     assert error_line(proc).startswith(f"error: MLflow tracking store {shown} is not usable")
     assert "s3cret" not in proc.stdout + proc.stderr
@@ -274,7 +279,7 @@ def test_a_store_that_cannot_be_opened_fails_within_seconds(trained, break_store
     db.unlink()
     break_store(db)
     start = time.monotonic()
-    proc = run(TRAIN, trained, check=False)
+    proc = run(stage_command("train"), trained, check=False)
     assert proc.returncode == 1
     assert error_line(proc).startswith(f"error: MLflow tracking store sqlite:///{db} is not usable: ")
     assert reason in error_line(proc)
@@ -288,7 +293,7 @@ def test_locked_store_fails_within_seconds(trained):
     holder.execute("BEGIN EXCLUSIVE")
     try:
         start = time.monotonic()
-        proc = run(TRAIN, trained, check=False)
+        proc = run(stage_command("train"), trained, check=False)
         elapsed = time.monotonic() - start
     finally:
         holder.execute("ROLLBACK")
@@ -315,7 +320,7 @@ def read_only(path):
 def test_read_only_store_fails_with_the_databases_reason(trained):
     before = snapshot(trained)
     with read_only(trained / "mlflow.db"):
-        proc = run(TRAIN, trained, check=False)
+        proc = run(stage_command("train"), trained, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         f"error: MLflow tracking store sqlite:///{trained / 'mlflow.db'} is not usable: "
@@ -396,7 +401,7 @@ def test_a_sigterm_in_a_stages_first_moments_gets_the_usual_line(trained):
     (SIGINT is not tested so: Python's own SIGINT handler is there from its first instruction.)"""
     signum, shown = signal.SIGTERM, "SIGTERM"
     before = snapshot(trained)
-    proc = subprocess.Popen(TRAIN, cwd=trained, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(stage_command("train"), cwd=trained, env=cli_env(), stderr=subprocess.PIPE, text=True)
     while not signal_handler_installed(proc.pid, signum):
         assert proc.poll() is None
     early = "numpy" not in Path(f"/proc/{proc.pid}/maps").read_text()

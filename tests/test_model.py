@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from stages.model import CheckpointError, build_model, load_checkpoint, save_checkpoint, to_inputs
+from stages.model import CheckpointError, build_model, checkpoint_bytes, load_checkpoint, to_inputs
 
 
 def test_the_books_model():
@@ -26,7 +26,7 @@ def test_pixels_scale_like_to_tensor():
 
 def test_checkpoint_round_trip_carries_config(tmp_path):
     net = build_model(0.01)
-    save_checkpoint(tmp_path / "m.pt", net, {"lr": 0.1}, kept_epoch=3)
+    (tmp_path / "m.pt").write_bytes(checkpoint_bytes(net, {"lr": 0.1}, kept_epoch=3))
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert raw["config"] == {"lr": 0.1} and raw["kept_epoch"] == 3
     loaded, config = load_checkpoint(tmp_path / "m.pt")
@@ -52,7 +52,7 @@ def test_crafted_pickle_is_refused_without_running_code(tmp_path, capsys):
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):
-    save_checkpoint(tmp_path / "m.pt", build_model(0.01), {})
+    (tmp_path / "m.pt").write_bytes(checkpoint_bytes(build_model(0.01), {}))
     blob = (tmp_path / "m.pt").read_bytes()
     (tmp_path / "m.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
@@ -61,7 +61,7 @@ def test_truncated_checkpoint_is_refused(tmp_path):
 
 def test_wrong_shape_is_refused(tmp_path):
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
-    save_checkpoint(tmp_path / "m.pt", net, {})
+    (tmp_path / "m.pt").write_bytes(checkpoint_bytes(net, {}))
     with pytest.raises(CheckpointError, match="do not match the model's"):
         load_checkpoint(tmp_path / "m.pt")
 

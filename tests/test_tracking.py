@@ -10,7 +10,6 @@ import pytest
 
 from tests.helpers import (
     DVC,
-    TRAIN,
     all_runs,
     artifact_paths,
     client_for,
@@ -19,6 +18,7 @@ from tests.helpers import (
     postgres,
     run,
     run_git,
+    stage_command,
 )
 
 pytestmark = pytest.mark.slow
@@ -145,7 +145,7 @@ def test_unreachable_server_fails_within_seconds_and_touches_nothing(tiny_projec
     model.write_bytes(b"previous model")
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    proc = run(TRAIN, tiny_project, check=False, MLFLOW_TRACKING_URI=uri)
+    proc = run(stage_command("train"), tiny_project, check=False, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking store {uri} is not usable")
     assert time.monotonic() - start < 60  # imports included; MLflow's own retries would take minutes

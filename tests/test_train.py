@@ -5,13 +5,13 @@ import torch
 
 from stages.config import ConfigError, parse_params
 from stages.model import build_model, to_inputs
-from stages.train import DivergedError, fit, split_validation
+from stages.training import DivergedError, accuracy, fit, split_validation
 from tests.helpers import default_params, synthetic_split
 
 
-def tiny_config(**changes):
-    cfg = parse_params(default_params())
-    return cfg.model_copy(update={"num_epochs": 2, "batch_size": 64, **changes})
+def tiny_params(**changes):
+    params = parse_params(default_params())
+    return params.model_copy(update={"num_epochs": 2, "batch_size": 64, **changes})
 
 
 def tensors(n, seed):
@@ -19,17 +19,17 @@ def tensors(n, seed):
     return to_inputs(torch.from_numpy(images)), torch.from_numpy(labels).long()
 
 
-def train_once(cfg):
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.init_std)
-    history, kept = fit(model, tensors(600, 1), tensors(200, 2), cfg, progress=False)
+def train_once(params):
+    torch.manual_seed(params.seed)
+    model = build_model(params.init_std)
+    history, kept = fit(model, tensors(600, 1), tensors(200, 2), params, progress=False)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return history, kept, buffer.getvalue()
 
 
 def test_history_has_the_books_three_numbers_per_epoch():
-    history, kept, _ = train_once(tiny_config())
+    history, kept, _ = train_once(tiny_params())
     assert [row["epoch"] for row in history] == [1, 2] and kept == 2
     assert set(history[0]) == {"epoch", "train_loss", "train_acc", "test_acc", "val_acc"}
     assert history[0]["val_acc"] is None  # no validation split: the book's setup
@@ -38,24 +38,24 @@ def test_history_has_the_books_three_numbers_per_epoch():
 
 
 def test_same_params_same_bytes_and_metrics():
-    assert train_once(tiny_config()) == train_once(tiny_config())
-    assert train_once(tiny_config())[2] != train_once(tiny_config(seed=1))[2]
+    assert train_once(tiny_params()) == train_once(tiny_params())
+    assert train_once(tiny_params())[2] != train_once(tiny_params(seed=1))[2]
 
 
 def test_matches_a_plain_reference_loop():
     """Batching from one tensor may not change a single bit against the plainest loop."""
-    cfg = tiny_config()
-    _, _, ours = train_once(cfg)
+    params = tiny_params()
+    _, _, ours = train_once(params)
     images, labels = synthetic_split(600, 1)
     inputs, labels = torch.from_numpy(images).float() / 255, torch.from_numpy(labels).long()
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.init_std)
+    torch.manual_seed(params.seed)
+    model = build_model(params.init_std)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.num_epochs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=params.lr)
+    generator = torch.Generator().manual_seed(params.seed)
+    for _ in range(params.num_epochs):
         order = torch.randperm(len(labels), generator=generator)
-        for batch in order.split(cfg.batch_size):
+        for batch in order.split(params.batch_size):
             optimizer.zero_grad()
             loss_fn(model(inputs[batch]), labels[batch]).mean().backward()
             optimizer.step()
@@ -68,41 +68,44 @@ def test_matches_a_plain_reference_loop():
 def test_divergence_stops_at_the_first_runaway_loss_naming_lr(lr, loss, shown):
     pattern = rf"loss {loss} at epoch 1, batch \d+ \(uniform guessing gives 2.30\); lower lr \(now {shown}\)"
     with pytest.raises(DivergedError, match=pattern):
-        train_once(tiny_config(lr=lr))
+        train_once(tiny_params(lr=lr))
 
 
 def test_a_large_but_sane_lr_is_not_divergence():
-    history, _, _ = train_once(tiny_config(lr=1.0))
+    history, _, _ = train_once(tiny_params(lr=1.0))
     assert history[-1]["train_loss"] < 2.3
 
 
 def test_validation_split_is_carved_from_training_by_seed():
-    cfg = tiny_config(val_size=100, val_seed=3)
-    train_idx, val_idx = split_validation(600, cfg)
+    params = tiny_params(val_size=100, val_seed=3)
+    train_idx, val_idx = split_validation(600, params)
     assert len(train_idx) == 500 and len(val_idx) == 100
     assert not set(train_idx.tolist()) & set(val_idx.tolist())
-    assert torch.equal(split_validation(600, cfg)[1], val_idx)
-    assert not torch.equal(split_validation(600, cfg.model_copy(update={"val_seed": 4}))[1], val_idx)
+    assert torch.equal(split_validation(600, params)[1], val_idx)
+    assert not torch.equal(split_validation(600, params.model_copy(update={"val_seed": 4}))[1], val_idx)
 
 
 def test_a_validation_split_must_leave_training_data():
     with pytest.raises(ConfigError, match="val_size: 600 leaves no training data"):
-        split_validation(600, tiny_config(val_size=600))
+        split_validation(600, tiny_params(val_size=600))
 
 
 def test_early_stopping_keeps_the_best_epoch():
-    cfg = tiny_config(num_epochs=30, lr=3.0, val_size=100, patience=2)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.init_std)
+    params = tiny_params(num_epochs=30, lr=3.0, val_size=100, patience=2)
+    torch.manual_seed(params.seed)
+    model = build_model(params.init_std)
     images, labels = tensors(600, 1)
-    train_idx, val_idx = split_validation(600, cfg)
+    train_idx, val_idx = split_validation(600, params)
     history, kept = fit(
-        model, (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx]), cfg, "val_acc", False
+        model,
+        (images[train_idx], labels[train_idx]),
+        (images[val_idx], labels[val_idx]),
+        params,
+        eval_name="val_acc",
+        progress=False,
     )
     accs = [row["val_acc"] for row in history]
     assert len(history) < 30  # it stopped
     assert kept == accs.index(max(accs)) + 1
-    assert len(history) - kept == cfg.patience
-    from stages.train import accuracy
-
+    assert len(history) - kept == params.patience
     assert accuracy(model, images[val_idx], labels[val_idx]) == max(accs)

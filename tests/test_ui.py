@@ -66,6 +66,7 @@ def test_the_readme_link_opens_the_runs_and_the_columns_show_test_acc(ui):
 def drawn_marks(page_path) -> dict[str, dict[str, int]]:
     """Open a `dvc plots` page offline (every request but file:// refused) and count each chart's marks."""
     sync_api = pytest.importorskip("playwright.sync_api")
+    assert (ROOT / "node_modules" / "vega").is_dir(), "node_modules/ is missing: run `make setup` (npm ci)"
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         context = browser.new_context()
@@ -104,3 +105,34 @@ def test_dvc_plots_diff_overlays_the_experiments_curves_offline(project):
     run([DVC, "plots", "diff", *names], project)  # the README's `dvc plots diff $(dvc exp ls --name-only)`
     marks = drawn_marks(project / "dvc_plots" / "index.html")
     assert marks["Training_curves"]["line"] >= 3 * 2  # the workspace's and slow-lr's curves in one chart
+
+
+def test_make_exps_fits_160_columns_with_the_changed_params_and_key_metrics(project):
+    table = run(["make", "-s", "exps"], project, COLUMNS="160").stdout
+    lines = [line.rstrip() for line in table.splitlines() if line.strip()]
+    assert max(map(len, lines)) <= 160 and "…" not in table
+    header = lines[1].split()
+    assert {"test_acc", "f1_macro", "epochs_run", "lr"} <= set(header)  # lr differs: 0.1 and slow-lr's 0.01
+    assert "batch_size" not in header and "model_md5" not in header  # the same in every row; an md5
+    assert any("[slow-lr]" in line for line in lines)
+
+
+def test_the_assistant_panel_and_the_registry_dialog_close_as_the_readme_says(ui):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    _, url = ui
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(f"{url}/#/experiments/1/runs?workflowType=machine_learning")
+        assistant = page.get_by_placeholder("Ask a question...")  # the MLflow Assistant panel's input
+        assistant.wait_for(timeout=120_000)
+        page.get_by_role("button", name="Close").click()  # the × at its top right
+        assistant.wait_for(state="hidden", timeout=10_000)
+        page.goto(f"{url}/#/models")  # the sidebar's Model registry
+        dialog = page.get_by_role("dialog")
+        dialog.wait_for(timeout=60_000)
+        assert "new Model Registry UI" in dialog.inner_text()
+        dialog.get_by_role("button", name="Close").click()
+        dialog.wait_for(state="hidden", timeout=10_000)
+        page.get_by_text("fashion-mnist-softmax").first.wait_for(timeout=30_000)
+        browser.close()

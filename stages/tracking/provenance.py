@@ -1,0 +1,72 @@
+"""Where a run comes from: the code (git), the DVC experiment, the data, the person and the process.
+
+Plain reads of git, dvc.yaml and the environment: no tracking store is needed to test them."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from stages import CODE_ROOT
+
+HOST_TAG, PID_TAG = "process.host", "process.pid"
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=CODE_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def dvc_outputs(project: Path = CODE_ROOT) -> list[str]:
+    """Every path a stage in dvc.yaml writes: DVC deletes them before the stage runs."""
+    try:
+        stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return []
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            paths += [next(iter(out)) if isinstance(out, dict) else out for out in stage.get(kind, [])]
+    return paths
+
+
+def git_dirty() -> bool:
+    """Whether the code or params differ from the commit. dvc.lock and the stages' own outputs
+    do not count: DVC deletes a stage's outputs before running it, and writes dvc.lock after."""
+    excluded = [f":(exclude){path}" for path in ["dvc.lock", *dvc_outputs()]]
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded))
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return str(os.getuid())
+
+
+def source_tags(data_sha256: str, stage_script: str) -> dict[str, str]:
+    """Tags that lead from an MLflow run back to the code, data, DVC experiment, person and process
+    that made it; the `mlflow.*` ones fill the UI's "Created by" and "Source" columns."""
+    commit = _git("rev-parse", "HEAD")
+    tags = {
+        "mlflow.user": _user(),
+        "mlflow.source.name": stage_script,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+        "git.commit": commit,
+        "git.dirty": str(git_dirty()).lower(),
+        "data.sha256": data_sha256,
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+    }
+    return {k: v for k, v in tags.items() if v}

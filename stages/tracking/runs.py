@@ -1,0 +1,282 @@
+"""MLflow runs: the experiment they belong to, what each run holds, and how it ends.
+
+What a run holds: every training param; the per-epoch curves under `epoch/<name>` at steps 1..N;
+the final evaluation under the same keys as reports/eval/metrics.json (`test_acc`, ...), also on
+the logged model; provenance tags (git, DVC, data, user, host and pid).
+
+Every call goes through MlflowClient with the run's id: no fluent (active) run is opened, so the
+run's status is the stage's alone and MLflow prints nothing (its `View run ... at: <uri>` would
+show a password in the URI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from stages import Interrupted
+from stages.config import Params, mlflow_value
+from stages.data import IMAGE_SHAPE, NUM_CLASSES
+from stages.tracking.champion import consider_champion, newest_version
+from stages.tracking.provenance import HOST_TAG, PID_TAG, source_tags
+from stages.tracking.store import Store, connect, is_local_store, redacted, store_lock, store_root
+
+log = logging.getLogger(__name__)
+
+MODEL_MD5_TAG = "dvc.model_md5"
+CURVE_PREFIX = "epoch/"  # per-epoch curves; the final evaluation keeps metrics.json's keys
+EXPERIMENT_DESCRIPTION = """\
+Softmax regression on Fashion-MNIST (Dive into Deep Learning 3.7) as a DVC pipeline:
+download -> train -> evaluate. One run per trained model: its params, per-epoch curves
+(`epoch/train_loss`, `epoch/train_acc`, `epoch/test_acc` or `epoch/val_acc`), the final test
+metrics (`test_acc`, `test_loss`, `f1_macro`, ...), reports and the model, registered as a new
+version; the alias `champion` marks the best version by test accuracy.
+
+Run names: a DVC experiment's name (`dvc exp run`), else `repro-<commit>-lr<lr>-bs<batch>-ep<epochs>-<params hash>`
+(`+dirty` after the commit when code or params differ from it). See README.md, "Browsing runs".
+"""
+# MLflow's experiment kind says "model training, not GenAI". MLflow 3.17's UI still opens on its
+# global GenAI / Model training toggle (README, "Browsing runs"); the kind serves its other views.
+_EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": EXPERIMENT_DESCRIPTION}
+
+
+def run_name(params: Params, tags: dict[str, str]) -> str:
+    """A DVC experiment's own name; for a plain `dvc repro`, a name that says what the run is:
+    `repro-<commit>[+dirty]-lr0.1-bs256-ep10-<hash of every training param>`."""
+    if tags.get("dvc.exp_name"):
+        return tags["dvc.exp_name"]
+    commit = tags.get("git.commit", "nogit")[:7] + ("+dirty" if tags.get("git.dirty") == "true" else "")
+    training = json.dumps(params.training_params(), sort_keys=True, default=str)
+    digest = hashlib.sha256(training.encode()).hexdigest()[:6]
+    return f"repro-{commit}-lr{params.lr:g}-bs{params.batch_size}-ep{params.num_epochs}-{digest}"
+
+
+def _experiment_id(store: Store, name: str) -> str:
+    client = store.client
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # A local store keeps artifacts beside mlflow.db, as an absolute location, so runs from
+        # DVC's temporary experiment copies keep their artifacts after the copy is deleted.
+        location = (store_root() / "mlruns").as_uri() if is_local_store(store.uri) else None
+        experiment = client.get_experiment(client.create_experiment(name, artifact_location=location))
+    for key, value in _EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def fail_abandoned_runs(client, experiment_id: str) -> None:
+    """Runs left RUNNING by a process that is gone (SIGKILL, power loss) on this host become
+    FAILED, each with one line saying so; other hosts' runs cannot be checked from here."""
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    )
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "FAILED")
+            name, run_id = run.info.run_name, run.info.run_id
+            log.info("marked MLflow run %s (%s) FAILED: its process %s on %s is gone", name, run_id, pid, host)
+
+
+class Run:
+    """One MLflow run; train opens it, evaluate reopens it by id."""
+
+    def __init__(self, store: Store, run_id: str, registered_model: str | None = None):
+        self.store, self.run_id = store, run_id
+        self.client = store.client
+        self.registered_model = registered_model
+        self.epochs_logged: set[int] = set()
+
+    @staticmethod
+    def _curve(row: dict, timestamp_ms: int) -> list:
+        from mlflow.entities import Metric
+
+        return [
+            Metric(CURVE_PREFIX + key, float(value), timestamp_ms, row["epoch"])
+            for key, value in row.items()
+            if key != "epoch" and value is not None
+        ]
+
+    def log_epoch(self, row: dict) -> None:
+        """One epoch's row of the history, as it ends: the UI's time axes show when it happened."""
+        with self.store.operation("failed logging an epoch"):
+            self.client.log_batch(self.run_id, metrics=self._curve(row, int(time.time() * 1000)))
+        self.epochs_logged.add(row["epoch"])
+
+    def log_training(self, history: list[dict], kept_epoch: int, history_json: bytes) -> None:
+        """The epochs not logged as they ended (steps 1..N, timestamped now), the kept epoch, the history."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [m for row in history if row["epoch"] not in self.epochs_logged for m in self._curve(row, now)]
+        metrics.append(Metric("kept_epoch", float(kept_epoch), now, 0))
+        with self.store.operation("failed logging the training"):
+            self.client.log_batch(self.run_id, metrics=metrics)
+            self.log_files({"history.json": history_json})
+
+    def log_files(self, files: dict[str, bytes], artifact_path: str | None = None) -> None:
+        """Artifacts from memory: the stage publishes its outputs only after MLflow has them."""
+        with tempfile.TemporaryDirectory(prefix="mlflow-artifacts-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+
+    def tag_model_md5(self, model_md5: str) -> None:
+        """Tag the run with the md5 DVC records for the model file: evaluate finds the run by it."""
+        with self.store.operation("failed tagging the run"):
+            self.client.set_tag(self.run_id, MODEL_MD5_TAG, model_md5)
+
+    def log_model(self, model, example) -> None:
+        """The model plus a softmax, so MLflow serves class probabilities for a batch of
+        28x28 float images in [0, 1]; registered under `tracking.registered_model`.
+
+        The logged model is created here, for this run, and handed to MLflow with the run's id:
+        no active run is opened (see the module's docstring)."""
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        served = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).cpu().eval()
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+        )
+        with self.store.operation("failed logging the model"):
+            run = self.client.get_run(self.run_id)
+            logged = self.client.create_logged_model(
+                run.info.experiment_id, name="model", source_run_id=self.run_id, params=run.data.params
+            )
+            self.store.mlflow.pytorch.log_model(
+                served,
+                name="model",
+                model_id=logged.model_id,
+                run_id=self.run_id,
+                signature=signature,
+                input_example=example.numpy(),
+                registered_model_name=self.registered_model,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+
+    def log_evaluation(self, metrics: dict, settings: dict, artifacts: dict[str, bytes]) -> None:
+        """Evaluation settings go in as tags, not params: a training run may be evaluated again
+        with other settings (`-S evaluate.batch_size=...`), and MLflow params cannot change.
+
+        The metrics also go on the run's logged model (its Models tab and registered versions show
+        them) and, as tags, on its registered version."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        with self.store.operation("failed logging the evaluation"):
+            model_id = self._logged_model_id()
+            self.client.log_batch(
+                self.run_id,
+                metrics=[Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items()],
+                tags=[RunTag(k, mlflow_value(v)) for k, v in settings.items()],
+            )
+            self.log_files(artifacts, "evaluation")
+            version = newest_version(self.client, self.run_id)
+            for key, value in metrics.items():
+                if version is not None:
+                    self.client.set_model_version_tag(version.name, version.version, key, f"{value:.4f}")
+
+    def _logged_model_id(self) -> str | None:
+        run = self.client.get_run(self.run_id)
+        found = self.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}'", max_results=1
+        )
+        return found[0].model_id if found else None
+
+    def update_champion(self, test_acc: float) -> str:
+        """Move the `champion` alias to this run's version if it beats the champion's test accuracy;
+        returns the one line that says what happened."""
+        with self.store.operation("failed updating the champion"):
+            version = newest_version(self.client, self.run_id)
+            if version is None:
+                return "champion: unchanged (this run has no registered model version)"
+            return consider_champion(self.client, version, test_acc)
+
+
+@contextlib.contextmanager
+def _ended_with_the_stage(run: Run):
+    """End the run FINISHED, FAILED on error, KILLED on Ctrl-C or SIGTERM: never left RUNNING."""
+    status = "FINISHED"
+    try:
+        yield run
+    except (Interrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            with store_lock(run.store.uri):
+                run.client.set_terminated(run.run_id, status)
+        except Exception as e:  # the original error matters more than this one
+            log.warning(redacted(f"warning: could not mark MLflow run {run.run_id} {status}: {e}"))
+
+
+@contextlib.contextmanager
+def training_run(params: Params, data_sha256: str):
+    """Start the run before training, so a bad store fails the stage within seconds."""
+    store = connect()
+    from mlflow.entities import Param
+
+    with store.operation("is not usable") as client:
+        experiment_id = _experiment_id(store, params.tracking.experiment)
+        fail_abandoned_runs(client, experiment_id)
+        tags = source_tags(data_sha256, "stages/train.py")
+        info = client.create_run(experiment_id, run_name=run_name(params, tags), tags=tags).info
+        logged = [Param(k, mlflow_value(v)) for k, v in params.training_params().items()]
+        client.log_batch(info.run_id, params=logged)
+    with _ended_with_the_stage(Run(store, info.run_id, params.tracking.registered_model)) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def evaluation_run(params: Params, model_md5: str):
+    """The run that trained this model (found by its md5 tag), to log the evaluation beside the
+    training curves. The run stays as it was (FINISHED): evaluating does not reopen it.
+
+    A model trained elsewhere (pulled from a DVC remote, its run in another store) gets a run of
+    its own here, holding the evaluation only."""
+    store = connect()
+    with store.operation("is not usable") as client:
+        experiment_id = _experiment_id(store, params.tracking.experiment)
+        fail_abandoned_runs(client, experiment_id)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{MODEL_MD5_TAG}` = '{model_md5}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not found:
+            tags = {MODEL_MD5_TAG: model_md5, **source_tags("", "stages/evaluate.py")}
+            new_run = client.create_run(experiment_id, run_name=f"evaluation-{model_md5[:8]}", tags=tags).info
+    if found:
+        yield Run(store, found[0].info.run_id)
+        return
+    where = redacted(store.uri)
+    log.info("no MLflow run in %s trained this model (md5 %s); evaluation logged to a new run", where, model_md5)
+    with _ended_with_the_stage(Run(store, new_run.run_id)) as run:
+        yield run
