@@ -30,6 +30,8 @@ BLOCKS = {
     "git clone <repository>": "a team's git, storage and server; test_remotes and test_team_mlflow",
     "dask scheduler --host": "a team's machines; test_sweep starts a scheduler and two workers this way on loopback",
     "fmnist-sweep --scheduler": "a team's cluster; test_sweep runs the same command against its loopback cluster",
+    "fmnist-lineage champion": "needs a champion; test_lineage prints the chain for every kind of name",
+    "fmnist-reproduce champion": "a rebuild (a training) per call; test_lineage reproduces each kind of run",
     "fmnist-predict --test-index": "photos (shirt.jpg) the user brings; test_predict runs each form",
 }
 
