@@ -37,13 +37,21 @@ class UsageError(PipelineError):
 _SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 _received: list[int] = []
 _project: Path | None = None  # set by an installed entry point: the project found from the cwd
+_parent = [os.getppid()]  # the process that started this one, as `_stop_with_parent` saw it
 
 
 def _record(signum, frame) -> None:
     # Only record: raising here would land wherever Python happens to be, finalizers included,
-    # which swallow it. A second signal means "stop now", so it goes back to the default action.
+    # which swallow it. A second signal means "stop now": the default action.
+    if signum == signal.SIGTERM and signal.SIGTERM in _received:
+        if os.getppid() != _parent[0]:  # the parent's death signal: dvc may have passed its own
+            return  # SIGTERM on just before it went; the same request to stop, not a second one
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _received.append(signum)
-    signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+    if signum == signal.SIGINT:
+        signal.signal(signum, signal.default_int_handler)
 
 
 def _stop_with_parent() -> None:
@@ -54,7 +62,7 @@ def _stop_with_parent() -> None:
     parent's end into our SIGTERM, which stops the stage at its next safe point."""
     for signum in _SIGNAL_NAMES:
         signal.signal(signum, _record)
-    parent = os.getppid()
+    parent = _parent[0] = os.getppid()
     if sys.platform == "linux":
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

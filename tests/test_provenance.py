@@ -81,7 +81,8 @@ def test_the_champion_moves_only_on_improvement_and_by_hand(tiny_project):
     assert champion_version(client) == "2"
     proc = run([*promote, "no-such-exp"], tiny_project, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        f"error: 'no-such-exp': neither an MLflow run id nor a DVC experiment name in "
+        f"error: 'no-such-exp': no model by that name: not a DVC experiment in {tiny_project}, nor a registered "
+        f"version or alias of fashion-mnist-softmax, an MLflow run id or a model md5 in "
         f"sqlite:///{tiny_project / 'mlflow.db'}"
     ]
     assert champion_version(client) == "2"

@@ -66,6 +66,7 @@ def test_the_readme_link_opens_the_runs_and_the_columns_show_test_acc(ui):
 def drawn_marks(page_path) -> dict[str, dict[str, int]]:
     """Open a `dvc plots` page offline (every request but file:// refused) and count each chart's marks."""
     sync_api = pytest.importorskip("playwright.sync_api")
+    assert (ROOT / "node_modules" / "vega").is_dir(), "node_modules/ is missing: run `make setup` (npm ci)"
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         context = browser.new_context()

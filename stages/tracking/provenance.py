@@ -40,8 +40,12 @@ def dvc_outputs(project: Path = CODE_ROOT) -> list[str]:
 
 def git_dirty() -> bool:
     """Whether the code or params differ from the commit. dvc.lock and the stages' own outputs
-    do not count: DVC deletes a stage's outputs before running it, and writes dvc.lock after."""
-    excluded = [f":(exclude){path}" for path in ["dvc.lock", *dvc_outputs()]]
+    do not count: DVC deletes a stage's outputs before running it, and writes dvc.lock after.
+
+    In a DVC experiment params.yaml does not count either: the experiment's params differ from
+    its baseline by design and are logged, so `git.dirty` says whether the code differed."""
+    ignored = ["dvc.lock", *dvc_outputs(), *(["params.yaml"] if os.environ.get("DVC_EXP_NAME") else [])]
+    excluded = [f":(exclude){path}" for path in ignored]
     return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded))
 
 
@@ -66,6 +70,8 @@ def source_tags(data_sha256: str, stage_script: str) -> dict[str, str]:
         "data.sha256": data_sha256,
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "sweep.name": os.environ.get("FMNIST_SWEEP", ""),  # set by fmnist-sweep for its points
+        "sweep.trial": os.environ.get("FMNIST_TRIAL", ""),
         HOST_TAG: socket.gethostname(),
         PID_TAG: str(os.getpid()),
     }
