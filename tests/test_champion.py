@@ -29,6 +29,7 @@ ADMIN, ADMIN_PASSWORD = "admin", f"admin-{secrets.token_hex(12)}"
 USER, PASSWORD = "alice", f"alice-{secrets.token_hex(12)}"
 LEARNING_RATES = (0.0003, 0.003, 0.03)  # three models, three accuracies
 OUTPUT: list[str] = []  # everything the stages printed, searched for the password
+SERVER_FILES: list[Path] = []  # the server's store and artifact folder, searched too
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def server(tmp_path_factory):
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     backend = f"sqlite:///{home / 'mlflow.db'}"
+    SERVER_FILES.append(home)
     with mlflow_server(
         backend,
         home / "artifacts",
@@ -104,3 +106,16 @@ def test_promote_refuses_a_version_never_evaluated(server, trained):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: '{run_id}': version ") and "was never evaluated" in line, line
     assert not client.get_registered_model(MODEL).aliases
+
+
+def test_the_password_in_the_tracking_uri_reaches_no_output(server, trained):
+    """Stages run with MLFLOW_TRACKING_URI=http://alice:<password>@...: the password is in no stage
+    output, no param or tag of any run, and no file the server stored (runs, artifacts, models)."""
+    project, _ = trained
+    assert len(OUTPUT) >= 4  # download and three trainings
+    assert not [out for out in OUTPUT if PASSWORD in out]
+    for found in all_runs(user_client(server)):
+        assert PASSWORD not in json.dumps([found.data.params, found.data.tags])
+    stored = [path for home in SERVER_FILES for path in home.rglob("*") if path.is_file() and path.name != "auth.db"]
+    assert stored and not [path for path in stored if PASSWORD.encode() in path.read_bytes()]
+    assert PASSWORD not in "".join(path.read_text(errors="replace") for path in project.rglob("*.json"))

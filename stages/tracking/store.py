@@ -24,6 +24,9 @@ _ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+# MLflow prints `View run <name> at: <server URL>` when a run on a server ends, password included
+# when MLFLOW_TRACKING_URI carries one; the stage prints what a user needs, so this is always off.
+_ENV_FORCED = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 class TrackingError(PipelineError):
@@ -87,6 +90,7 @@ def import_mlflow():
     """MLflow, set up offline (no telemetry) and to fail fast instead of retrying for minutes."""
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ.update(_ENV_FORCED)
     import mlflow
 
     # Stage output stays what a user needs; MLflow's failures reach them as one `error:` line.
