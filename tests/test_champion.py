@@ -3,11 +3,9 @@ password in MLFLOW_TRACKING_URI): a version never evaluated cannot be made champ
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import shutil
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,9 @@ import yaml
 
 from tests.helpers import (
     all_runs,
+    basic_auth_mlflow_server,
     client_for,
     make_project,
-    mlflow_server,
     run,
     shrunk_params,
     stage_command,
@@ -35,30 +33,9 @@ SERVER_FILES: list[Path] = []  # the server's store and artifact folder, searche
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("champion-server")
-    auth_config = home / "basic_auth.ini"
-    auth_config.write_text(
-        "[mlflow]\ndefault_permission = EDIT\n"
-        f"database_uri = sqlite:///{home / 'auth.db'}\n"
-        f"admin_username = {ADMIN}\nadmin_password = {ADMIN_PASSWORD}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
-    backend = f"sqlite:///{home / 'mlflow.db'}"
     SERVER_FILES.append(home)
-    with mlflow_server(
-        backend,
-        home / "artifacts",
-        "--app-name",
-        "basic-auth",
-        MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
-        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
-    ) as url:
-        admin = base64.b64encode(f"{ADMIN}:{ADMIN_PASSWORD}".encode()).decode()
-        request = urllib.request.Request(
-            f"{url}/api/2.0/mlflow/users/create",
-            data=json.dumps({"username": USER, "password": PASSWORD}).encode(),
-            headers={"Authorization": f"Basic {admin}", "Content-Type": "application/json"},
-        )
-        urllib.request.urlopen(request, timeout=30)
+    backend = f"sqlite:///{home / 'mlflow.db'}"
+    with basic_auth_mlflow_server(home, backend, home / "artifacts", (ADMIN, ADMIN_PASSWORD), {USER: PASSWORD}) as url:
         yield url
 
 

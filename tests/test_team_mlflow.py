@@ -3,13 +3,11 @@ S3 bucket) that the pipeline reaches with a user name and password and no storag
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import secrets
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,11 +16,11 @@ import pytest
 from tests.helpers import (
     DVC,
     all_runs,
+    basic_auth_mlflow_server,
     cli_env,
     client_for,
     git_commit_all,
     make_project,
-    mlflow_server,
     postgres,
     run,
     run_git,
@@ -43,43 +41,22 @@ def dvc(project: Path, *args: str, check: bool = True, **env):
     return proc
 
 
-def create_user(url: str, username: str, password: str) -> None:
-    """What an administrator does once per teammate (MLflow's REST API, as the admin)."""
-    admin = base64.b64encode(f"{ADMIN}:{ADMIN_PASSWORD}".encode()).decode()
-    request = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/users/create",
-        data=json.dumps({"username": username, "password": password}).encode(),
-        headers={"Authorization": f"Basic {admin}", "Content-Type": "application/json"},
-    )
-    urllib.request.urlopen(request, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The administrator's server. Only this process holds the S3 keys."""
     home = tmp_path_factory.mktemp("team-mlflow")
-    auth_config = home / "basic_auth.ini"
-    auth_config.write_text(
-        "[mlflow]\ndefault_permission = EDIT\n"
-        f"database_uri = sqlite:///{home / 'auth.db'}\n"
-        f"admin_username = {ADMIN}\nadmin_password = {ADMIN_PASSWORD}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-    )
     with s3_server() as s3, postgres() as backend:
         s3.client().create_bucket(Bucket=BUCKET)
-        with mlflow_server(
+        with basic_auth_mlflow_server(
+            home,
             backend,
             f"s3://{BUCKET}/artifacts",
-            "--app-name",
-            "basic-auth",
-            MLFLOW_AUTH_CONFIG_PATH=str(auth_config),
-            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
-            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            (ADMIN, ADMIN_PASSWORD),
+            {USER: PASSWORD},
             MLFLOW_S3_ENDPOINT_URL=s3.endpoint,
             AWS_ACCESS_KEY_ID=s3.access_key_id,
             AWS_SECRET_ACCESS_KEY=s3.secret_access_key,
         ) as url:
-            create_user(url, USER, PASSWORD)
             yield SimpleNamespace(url=url, s3=s3)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -52,6 +54,31 @@ def mlflow_server(backend_uri: str, artifacts: Path | str, *extra_args: str, **e
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def basic_auth_mlflow_server(home: Path, backend_uri: str, artifacts: Path | str, admin: tuple[str, str],
+                             users: dict[str, str], **env):  # fmt: skip
+    """A team's `mlflow server --app-name basic-auth` (mlflow[auth]): the admin account of the
+    config file, then one account per user, made as an administrator does (the REST API)."""
+    auth_config = home / "basic_auth.ini"
+    auth_config.write_text(
+        "[mlflow]\ndefault_permission = EDIT\n"
+        f"database_uri = sqlite:///{home / 'auth.db'}\n"
+        f"admin_username = {admin[0]}\nadmin_password = {admin[1]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), **env}
+    with mlflow_server(backend_uri, artifacts, "--app-name", "basic-auth", **env) as url:
+        token = base64.b64encode(f"{admin[0]}:{admin[1]}".encode()).decode()
+        for username, password in users.items():
+            request = urllib.request.Request(
+                f"{url}/api/2.0/mlflow/users/create",
+                data=json.dumps({"username": username, "password": password}).encode(),
+                headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+            )
+            urllib.request.urlopen(request, timeout=30)
+        yield url
 
 
 @contextlib.contextmanager
