@@ -10,8 +10,10 @@ import ctypes
 import gc
 import logging
 import os
+import select
 import signal
 import sys
+import threading
 from pathlib import Path
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout this code lives in
@@ -54,20 +56,62 @@ def _record(signum, frame) -> None:
         signal.signal(signum, signal.default_int_handler)
 
 
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish"}
+
+
+def _shell_wrapper_parent(pid: int) -> int | None:
+    """The parent of `pid` if `pid` is a `<shell> -c ...` waiting on us, else None."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    if Path(argv[0].decode(errors="replace")).name not in _SHELLS or b"-c" not in argv[1:4]:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _term_when_gone(pid: int) -> None:
+    """SIGTERM ourselves when `pid` (not our parent) ends: a thread waiting on its pidfd."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        _record(signal.SIGTERM, None)
+        return
+    except (AttributeError, OSError):  # no pidfds (old kernel): only the parent is followed
+        return
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        if signal.SIGTERM not in _received:  # one request to stop, not a "second signal"
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="stop-with-dvc", daemon=True).start()
+
+
 def _stop_with_parent() -> None:
-    """Record Ctrl-C and SIGTERM from now on, and get SIGTERM when the parent (`dvc`) dies.
+    """Record Ctrl-C and SIGTERM from now on, and get SIGTERM when `dvc` (our starter) dies.
 
     `kill -TERM <dvc pid>` ends dvc but not the stage it started; without this, the stage would go
     on as an orphan and publish a model nobody asked for. The kernel's parent-death signal turns the
-    parent's end into our SIGTERM, which stops the stage at its next safe point."""
+    parent's end into our SIGTERM, which stops the stage at its next safe point. dvc starts a stage
+    through `$SHELL -c` (`/bin/sh` when SHELL is unset, as under cron, systemd or CI), and dash stays
+    as our parent instead of exec'ing us, outliving dvc: then the process above the shell is followed."""
     for signum in _SIGNAL_NAMES:
         signal.signal(signum, _record)
     parent = _parent[0] = os.getppid()
-    if sys.platform == "linux":
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if sys.platform != "linux":
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if parent == 1 or os.getppid() != parent:  # the parent died before the request took effect
         _record(signal.SIGTERM, None)
+        return
+    starter = parent
+    while (above := _shell_wrapper_parent(starter)) is not None and above > 1:
+        starter = above
+    if starter != parent:
+        _term_when_gone(starter)
 
 
 # `python -m stages.x` imports this package first, while argv[0] is still "-m": the handlers are in

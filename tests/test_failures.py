@@ -362,15 +362,18 @@ def registered_versions(project) -> list[str]:
     return sorted(v.version for v in client.search_model_versions("name = 'fashion-mnist-softmax'"))
 
 
-def test_sigterm_to_dvc_stops_its_stage_which_publishes_nothing(trained):
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_sigterm_to_dvc_stops_its_stage_which_publishes_nothing(trained, shell):
     """`kill -TERM <dvc pid>` mid-training: dvc goes, and so does the train stage it started, at its
-    next batch with the usual line; no model, no FINISHED run, no registered version appears."""
+    next batch with the usual line; no model, no FINISHED run, no registered version appears.
+    dvc runs the stage through `$SHELL -c`: bash execs the stage, dash (`/bin/sh`, used when SHELL
+    is unset, as in CI) stays between dvc and the stage and outlives dvc."""
     params = (trained / "params.yaml").read_text().replace("num_epochs: 1", "num_epochs: 100000")
     (trained / "params.yaml").write_text(params)
     versions = registered_versions(trained)
     model = (trained / "models/model.pt").read_bytes()
     dvc_proc = subprocess.Popen(
-        [DVC, "repro", "train"], cwd=trained, env=cli_env(PYTHONUNBUFFERED="1"),
+        [DVC, "repro", "train"], cwd=trained, env=cli_env(PYTHONUNBUFFERED="1", SHELL=shell),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     for line in dvc_proc.stdout:  # wait until it is training
