@@ -16,7 +16,6 @@ of its own: it resolves to the run that trained its model, and says so.
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import yaml
 
 from stages import ArgumentParser, PipelineError, project_root, run_stage
 from stages.config import ConfigError, as_flat_dict, load_params, parse_params
+from stages.git import git_or_none
 from stages.tracking.runs import MODEL_MD5_TAG
 from stages.tracking.store import import_mlflow, one_line_errors, redacted, tracking_uri
 
@@ -84,16 +84,6 @@ class Lineage:
         return f"run {self.run.info.run_name}" if self.run else f"model {self.model_md5}"
 
 
-def git(*args: str, cwd: Path | None = None) -> str | None:
-    """git's output, or None when git fails (no such ref or commit, not a repository)."""
-    cwd = cwd or project_root()
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def lock_model_md5(lock_text: str | None) -> str | None:
     """The md5 a dvc.lock records for the model file."""
     try:
@@ -106,20 +96,21 @@ def lock_model_md5(lock_text: str | None) -> str | None:
 def experiments(project: Path | None = None) -> list[Experiment]:
     """Every DVC experiment git holds in this project (what `dvc exp ls --all-commits` lists), newest first."""
     project = project or project_root()
-    listed = git("for-each-ref", "--sort=-committerdate", "--format=%(objectname) %(refname)", "refs/exps", cwd=project)
+    refs = ("for-each-ref", "--sort=-committerdate", "--format=%(objectname) %(refname)", "refs/exps")
+    listed = git_or_none(*refs, cwd=project)
     found = []
     for line in (listed or "").splitlines():
         rev, ref = line.split(" ", 1)
         parts = ref.split("/")  # refs exps <2> <38> <name>; queue and exec refs have other shapes
         if len(parts) == 5 and len(parts[2]) == 2 and len(parts[3]) == 38:
-            lock = git("show", f"{rev}:dvc.lock", cwd=project)
+            lock = git_or_none("show", f"{rev}:dvc.lock", cwd=project)
             found.append(Experiment(parts[4], rev, parts[2] + parts[3], lock_model_md5(lock)))
     return found
 
 
 def params_at(commit: str, project: Path | None = None) -> dict | None:
     """params.yaml at a commit, flat as MLflow logs it (`lr`, `data.local_dirs`, ...); None if absent."""
-    text = git("show", f"{commit}:params.yaml", cwd=project)
+    text = git_or_none("show", f"{commit}:params.yaml", cwd=project)
     if text is None:
         return None
     try:

@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from stages import ArgumentParser, PipelineError, check_interrupt, project_root, run_stage
-from stages.lineage import MODEL_PATH, Lineage, Resolver, git
+from stages.git import git_or_none
+from stages.lineage import MODEL_PATH, Lineage, Resolver
 from stages.tracking.store import one_line_errors
 
 STORED_MODEL_FILE = "data/model.pt2"  # the logged model's weights (MLflow's pt2 export: deterministic bytes)
@@ -117,7 +118,7 @@ def clone_commit(source: str, commit: str, clone: Path, env: dict[str, str]) -> 
     # Experiments' commits live under refs/exps (`dvc exp push` sends them there); a plain clone skips them.
     fetch_exps = ["git", "fetch", "-q", "origin", "+refs/exps/*:refs/exps/*"]
     subprocess.run(fetch_exps, cwd=clone, env=env, capture_output=True)
-    if git("cat-file", "-e", f"{commit}^{{commit}}", cwd=clone) is None:
+    if git_or_none("cat-file", "-e", f"{commit}^{{commit}}", cwd=clone) is None:
         raise NotReproducible(f"the recorded commit {commit[:7]} is not in {source}")
     _step(["git", "checkout", "-q", "--detach", commit], clone, env, "git checkout")
 

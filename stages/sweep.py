@@ -26,7 +26,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import ArgumentParser, PipelineError, check_interrupt, run_stage
+from stages import ArgumentParser, PipelineError, check_interrupt, project_root, run_stage
+from stages.git import GitError, git, git_or_none
 from stages.sweep_point import Point, Result, run_point
 from stages.sweep_space import Space, SpaceError, format_value, grid, parse_space, point_name, validate
 
@@ -38,53 +39,32 @@ class SweepError(PipelineError):
     """A sweep that cannot start or was stopped; the message names the culprit."""
 
 
-def _git(project: Path, *args: str, timeout: float = 15) -> str:
-    try:
-        proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise SweepError(f"git {' '.join(args)}: no answer within {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        raise SweepError(f"git {' '.join(args)}: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
-    return proc.stdout.strip()
-
-
 def _dvc(project: Path, *args: str) -> str:
     proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, timeout=60)
     return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
-def project_root() -> Path:
-    try:
-        root = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel"))
-    except SweepError:
-        raise SweepError(f"{Path.cwd()} is not in a git repository; run fmnist-sweep in the project") from None
-    if not (root / "dvc.yaml").exists():
-        raise SweepError(f"{root} has no dvc.yaml; run fmnist-sweep in the project")
-    return root
-
-
 def check_committed(project: Path) -> str:
     """The commit every point runs; uncommitted edits to tracked files would not be in it."""
-    changed = _git(project, "diff", "--name-only", "HEAD")
+    changed = git("diff", "--name-only", "HEAD", cwd=project)
     if changed:
         paths = ", ".join(changed.splitlines())
         raise SweepError(f"uncommitted changes in {paths}: every point runs the commit HEAD; commit or stash them")
-    return _git(project, "rev-parse", "HEAD")
+    return git("rev-parse", "HEAD", cwd=project)
 
 
 def check_git_remote(project: Path, remote: str, commit: str) -> str:
     """The remote's URL, after checking it answers and holds the commit."""
-    url = _git(project, "remote", "get-url", remote) if remote else ""
+    url = git_or_none("remote", "get-url", remote, cwd=project) if remote else None
     if not url:
         raise SweepError(f"no git remote {remote!r}: workers clone the project from it")
     try:
-        tips = _git(project, "ls-remote", remote, timeout=15)
-    except SweepError as e:
+        tips = git("ls-remote", remote, cwd=project, timeout=15)
+    except GitError as e:
         raise SweepError(f"git remote {remote} ({url}) is unreachable: {e}") from None
     for line in tips.splitlines():
         tip = line.split()[0]
-        known = subprocess.run(["git", "merge-base", "--is-ancestor", commit, tip], cwd=project, capture_output=True)
-        if known.returncode == 0:
+        if git_or_none("merge-base", "--is-ancestor", commit, tip, cwd=project) is not None:
             return url
     raise SweepError(f"commit {commit[:7]} is not on git remote {remote} ({url}): git push it first")
 
