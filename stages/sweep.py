@@ -252,8 +252,9 @@ def run_search(runner: Runner, args, space: Space, make_point, objective: str, p
         print(f"study {args.study}: resuming, {args.trials - left} of {args.trials} trials already run")
     runner.progress.bar.reset(total=left)
     asked = 0
-    while asked < left or runner.futures:
-        while asked < left and len(runner.futures) < slots:
+    while asked < left:  # in rounds of `slots` points: each round's suggestions see the same
+        round_ = []  # finished trials whatever order the last round's points finished in
+        while asked < left and len(round_) < slots:
             trial = study.ask(space.sweeps)
             values = {**space.fixed, **trial.params}
             name = f"{args.study}-{trial.number}"
@@ -267,14 +268,17 @@ def run_search(runner: Runner, args, space: Space, make_point, objective: str, p
                 continue
             point = make_point(name, values, str(trial.number))
             runner.add(submit(runner.client, point, needs_gpu(values, project_params)), (point.name, trial))
-        if not runner.futures:
-            continue
-        result, (_, trial) = runner.wait_one()
-        value = result.metrics.get(objective)
-        if result.status == "failed" or value is None:
-            study.tell(trial, state=states.FAIL)
-        else:
-            study.tell(trial, value)
+            round_.append(trial)
+        results = {}
+        while runner.futures:
+            result, (_, trial) = runner.wait_one()
+            results[trial.number] = result
+        for trial in sorted(round_, key=lambda t: t.number):
+            value = results[trial.number].metrics.get(objective)
+            if results[trial.number].status == "failed" or value is None:
+                study.tell(trial, state=states.FAIL)
+            else:
+                study.tell(trial, value)
 
 
 def _redact(text: str) -> str:
