@@ -28,7 +28,7 @@ from pathlib import Path
 
 from stages import ArgumentParser, PipelineError, check_interrupt, project_root, run_stage
 from stages.git import GitError, git, git_or_none
-from stages.sweep_point import Point, Result, run_point
+from stages.sweep_point import STARTED_TOPIC, Point, Result, run_point
 from stages.sweep_space import Space, SpaceError, format_value, grid, parse_space, point_name, validate
 
 RETRIES = 1  # a point whose task raised (not a failed training: that is a result) runs once more
@@ -193,6 +193,16 @@ class Runner:
     def __init__(self, client, total: int):
         self.client, self.futures, self.results = client, {}, []
         self.progress = Progress(total, client)
+        self.started: dict[str, str] = {}  # point -> the worker that last started it
+        self.news: list[str] = []  # lines from Dask's event thread, printed by the main one
+        client.subscribe_topic(STARTED_TOPIC, self._on_start)
+
+    def _on_start(self, event) -> None:
+        _, started = event
+        before = self.started.get(started["point"])
+        if before is not None:  # Dask reran it: its worker died (or lost the scheduler) mid-point
+            self.news.append(f"rerun: {started['point']} on {started['on']}: {before} went away mid-point")
+        self.started[started["point"]] = started["on"]
 
     def add(self, future, tag) -> None:
         self.futures[future] = tag
@@ -203,6 +213,8 @@ class Runner:
                 check_interrupt()
             except PipelineError:
                 raise KeyboardInterrupt from None
+            while self.news:
+                self.progress.bar.write(self.news.pop(0))
             for future in list(self.futures):
                 if future.done():
                     tag = self.futures.pop(future)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+STARTED_TOPIC = "fmnist-sweep-point-started"  # a Dask event each time a worker starts a point
 SWEEP_ENV, TRIAL_ENV = "FMNIST_SWEEP", "FMNIST_TRIAL"  # read by the tracking tags
 
 
@@ -69,6 +70,8 @@ def run_point(point: Point) -> Result:
     from distributed import get_worker
 
     worker = get_worker()
+    worker_name = worker.name if isinstance(worker.name, str) else worker.address
+    worker.log_event(STARTED_TOPIC, {"point": point.name, "on": worker_name})  # a second start: a rerun
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "stages.sweep_point"],
@@ -88,7 +91,7 @@ def run_point(point: Point) -> Result:
     except (IndexError, ValueError, TypeError):
         tail = lines[-1] if lines else "no output"
         result = Result(point.name, "failed", f"point process exited {child.returncode}: {tail}")
-    result.worker = worker.name if isinstance(worker.name, str) else worker.address
+    result.worker = worker_name
     return result
 
 

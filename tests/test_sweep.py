@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -244,6 +245,7 @@ def test_killed_worker_has_its_point_rerun_elsewhere(team):
     rows = table(output)
     assert proc.returncode == 0, output
     assert set(rows) == {"lr0.011-ep2", "lr0.012-ep2"} and {r["worker"] for r in rows.values()} == {"gpu"}
+    assert re.search(r"rerun: lr0\.01[12]-ep2 on gpu: cpu went away mid-point", output), output
     time.sleep(2)
     client = client_for(team.url)
     assert not [r.info.run_name for r in all_runs(client) if r.info.status == "RUNNING"]
