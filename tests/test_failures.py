@@ -517,7 +517,10 @@ class SignallingProxy:
 
         return Handler
 
-    def close(self) -> None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
 
@@ -561,8 +564,7 @@ def test_mlflow_follows_dvc_wherever_train_and_evaluate_are_interrupted(trained,
     version; evaluate logs nothing); after, the stage finishes what MLflow must say about the files
     it published (the version, the evaluation, the champion) and exits 1 saying so."""
     backend = f"sqlite:///{trained / 'mlflow.db'}"  # the trained project's store, behind a server
-    with mlflow_server(backend, tmp_path / "artifacts") as url:
-        proxy = SignallingProxy(url)
+    with mlflow_server(backend, tmp_path / "artifacts") as url, SignallingProxy(url) as proxy:
         client = client_for(url)
         published = {md5_of(trained / "models/model.pt")}
 
@@ -615,17 +617,13 @@ def test_mlflow_follows_dvc_wherever_train_and_evaluate_are_interrupted(trained,
         assert "test_acc" not in client.get_model_version(MODEL_NAME, new.version).tags
         assert promote(new.version).returncode == 1
 
-        # evaluate, part-way through logging (after publishing): the evaluation is logged whole.
+        # evaluate, part-way through logging (after publishing), with no champion yet: the
+        # evaluation is logged whole and the alias lands on the best version all the same.
+        client.delete_registered_model_alias(MODEL_NAME, "champion")
         line = interrupted("evaluate", "POST", "/api/2.0/mlflow/model-versions/set-tag")
         assert line == "error: interrupted by SIGTERM after the outputs were written"
         metrics = json.loads((trained / "reports/eval/metrics.json").read_text())
         assert client.get_run(new.run_id).data.metrics["test_acc"] == metrics["test_acc"]
         assert client.get_model_version(MODEL_NAME, new.version).tags["test_acc"] == f"{metrics['test_acc']:.4f}"
-
-        # evaluate, as it moves the champion (no champion yet): the alias lands on the best version.
-        client.delete_registered_model_alias(MODEL_NAME, "champion")
-        line = interrupted("evaluate", "POST", "/api/2.0/mlflow/registered-models/alias")
-        assert line == "error: interrupted by SIGTERM after the outputs were written"
         best = max(float(v.tags["test_acc"]) for v in client.search_model_versions(f"name = '{MODEL_NAME}'"))
         assert float(client.get_model_version_by_alias(MODEL_NAME, "champion").tags["test_acc"]) == best
-        proxy.close()
