@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from stages import reports  # torch, scikit-learn and matplotlib, after determinism.apply
+    from stages import reports  # torch and matplotlib, after determinism.apply
     from stages.model import load_checkpoint
 
     determinism.threads(params.determinism)

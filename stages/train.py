@@ -13,6 +13,8 @@ from stages import ArgumentParser, check_interrupt, determinism, files, run_stag
 from stages.config import load_params
 from stages.data import verify_dir
 
+SERVED_MODEL = Path(__file__).with_name("served_model.py")  # what MLflow serves: the checkpoint, named classes
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             model_md5 = hashlib.md5(checkpoint).hexdigest()
             history_json = files.json_bytes(history)
             run.log_training(history, kept_epoch, history_json)
-            run.log_model(model, data.example)
+            run.log_model(SERVED_MODEL, checkpoint, data.example.numpy())
             run.tag_model_md5(model_md5)
             # Only what the same params and data reproduce: no run id, so a rerun leaves dvc.lock as it was.
             run_info = {"epochs_run": len(history), "kept_epoch": kept_epoch, "model_md5": model_md5}

@@ -23,6 +23,7 @@ _ENV_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a model logged or loaded is not news
 }
 # MLflow prints `View run <name> at: <server URL>` when a run on a server ends, password included
 # when MLFLOW_TRACKING_URI carries one; the stage prints what a user needs, so this is always off.
