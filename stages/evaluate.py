@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     determinism.apply(params.determinism)
     # torch and the reports in a child, MLflow's import here: ~3 s each, side by side. The store is
     # opened only once the reports are computed, so a bad model fails before any run is touched.
-    reports = Forked(compute_reports, args, params, history)
-    tracking.preload()
-    metrics, outputs = reports.result()
+    with Forked(compute_reports, args, params, history) as reports:
+        tracking.preload()
+        metrics, outputs = reports.result()
     with tracking.evaluation_run(params, model_md5) as run:
         with files.Outputs() as out:
             for name, data in outputs.items():

@@ -7,6 +7,8 @@ pickled code, and it imports nothing from this project: a served model works out
 (Logging it costs no `torch.export` trace, which took ~2.5 s of every training run.)
 """
 
+import json
+
 import numpy as np
 import pandas as pd
 import torch
@@ -16,16 +18,17 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from torch import nn
 
-CHECKPOINT = "checkpoint"  # the artifact's key
+CHECKPOINT, CLASSES = "checkpoint", "classes"  # the artifacts' keys: the weights, the class names (JSON)
 IMAGE_SHAPE = (28, 28)
 
 
 class ClothingClassifier(PythonModel):
     """Probabilities for a batch of 28x28 float images in [0, 1], as a table: a row per image, a
-    column per class (`model_config["classes"]`, in the checkpoint's output order)."""
+    column per class (named by the `classes` artifact, in the checkpoint's output order)."""
 
     def load_context(self, context):
-        self.classes = list(context.model_config["classes"])
+        with open(context.artifacts[CLASSES]) as f:
+            self.classes = json.load(f)
         checkpoint = torch.load(context.artifacts[CHECKPOINT], map_location="cpu", weights_only=True)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(IMAGE_SHAPE[0] * IMAGE_SHAPE[1], len(self.classes)))
         self.net.load_state_dict(checkpoint["state_dict"])

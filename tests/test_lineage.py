@@ -93,7 +93,7 @@ def test_an_experiment_rebuilds_bit_identical_and_a_model_altered_in_the_store_i
     version = client.get_model_version(MODEL, "2")  # the experiment `bigger`
     experiment_id = client.get_run(version.run_id).info.experiment_id
     (logged,) = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{version.run_id}'")
-    weights = Path(logged.artifact_location.removeprefix("file://")) / "data" / "model.pt2"
+    weights = Path(logged.artifact_location.removeprefix("file://")) / "artifacts" / "model.pt"
     altered = bytearray(weights.read_bytes())
     altered[len(altered) // 2] ^= 1  # one bit of the weights file changed after registration
     weights.write_bytes(altered)

@@ -120,10 +120,12 @@ class Run:
             if key != "epoch" and value is not None
         ]
 
-    def log_epoch(self, row: dict) -> None:
-        """One epoch's row of the history, as it ends: the UI's time axes show when it happened."""
+    def log_epoch(self, row: dict, ended_ms: int | None = None) -> None:
+        """One epoch's row of the history, as it ends (or at `ended_ms`, when it did): the UI's time
+        axes show when it happened."""
+        ended_ms = int(time.time() * 1000) if ended_ms is None else ended_ms
         with self.store.operation("failed logging an epoch"):
-            self.client.log_batch(self.run_id, metrics=self._curve(row, int(time.time() * 1000)))
+            self.client.log_batch(self.run_id, metrics=self._curve(row, ended_ms))
         self.epochs_logged.add(row["epoch"])
 
     def log_training(self, history: list[dict], kept_epoch: int, history_json: bytes) -> None:
@@ -172,8 +174,9 @@ class Run:
             outputs=Schema([ColSpec("float", name) for name in CLASSES]),
         )
         with self.store.operation("failed logging the model"), tempfile.TemporaryDirectory(prefix="model-") as tmp:
-            weights = Path(tmp) / "model.pt"
+            weights, classes = Path(tmp) / "model.pt", Path(tmp) / "classes.json"
             weights.write_bytes(checkpoint)
+            classes.write_text(json.dumps(CLASSES))
             run = self.client.get_run(self.run_id)
             logged = self.client.create_logged_model(
                 run.info.experiment_id, name="model", source_run_id=self.run_id, params=run.data.params
@@ -185,8 +188,8 @@ class Run:
                 name="model",
                 flavor=mlflow.pyfunc,
                 python_model=served_model,
-                artifacts={"checkpoint": str(weights)},
-                model_config={"classes": list(CLASSES)},
+                # The class names as an artifact, not model_config: MLflow would log that as run params.
+                artifacts={"checkpoint": str(weights), "classes": str(classes)},
                 model_id=logged.model_id,
                 run_id=self.run_id,
                 signature=signature,

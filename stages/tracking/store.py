@@ -87,11 +87,16 @@ def _check_local_store(uri: str) -> None:
             raise TrackingError(redacted(f"MLflow tracking store {uri} is not usable: {reason}")) from None
 
 
-def import_mlflow():
-    """MLflow, set up offline (no telemetry) and to fail fast instead of retrying for minutes."""
+def _set_environment() -> None:
+    """Before MLflow loads: offline (its telemetry client starts at import) and failing fast."""
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.update(_ENV_FORCED)
+
+
+def import_mlflow():
+    """MLflow, set up offline (no telemetry) and to fail fast instead of retrying for minutes."""
+    _set_environment()
     import mlflow
 
     # Stage output stays what a user needs; MLflow's failures reach them as one `error:` line.
@@ -102,7 +107,7 @@ def import_mlflow():
 def preload() -> None:
     """Import MLflow and its SQL stores' modules (SQLAlchemy, alembic: ~3 s) without opening a
     store: what a stage does while its torch half computes in another process (stages/forked.py)."""
-    import_mlflow()
+    _set_environment()
     import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
