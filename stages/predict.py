@@ -6,7 +6,8 @@ fmnist-predict --mlflow shirt.jpg          # the same through the registered mod
 fmnist-predict --version 3 shirt.jpg       # ... or its version 3 (--alias NAME: another alias)
 
 The first line says which model answered: the workspace file and its md5 (as in dvc.lock), or the
-registered model's version.
+registered model's version. The registered model itself (what `make serve` serves) answers a table:
+a row per image, a column per class by name (T-shirt/top, Trouser, ... Ankle boot).
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ def probabilities_from_mlflow(name: str, version_or_alias: str, images_u8: np.nd
 
     alias = "" if version_or_alias.isdigit() else f" (@{version_or_alias})"
     answered = redacted(f"model: {name} version {version.version}{alias} from {store.uri}")
-    return np.asarray(model.predict(to_inputs(torch.from_numpy(images_u8)).numpy())), answered
+    answer = model.predict(to_inputs(torch.from_numpy(images_u8)).numpy())
+    if hasattr(answer, "columns"):  # a column per class, by name (stages/served_model.py)
+        return answer[list(CLASSES)].to_numpy(), answered
+    return np.asarray(answer), answered  # versions logged before named columns: 10 numbers in CLASSES order
 
 
 def _known_versions(store, name: str) -> str:

@@ -151,8 +151,11 @@ def _metrics(clone: Path) -> dict:
 
 
 def _was_restored(output: str) -> bool:
-    """DVC restored the train stage from its run-cache: no training, no new MLflow run."""
-    return "Stage 'train' is cached" in output and "Running stage 'train'" not in output
+    """No training, no new MLflow run: DVC restored the train stage from its run-cache ("is cached")
+    or, for the commit's own params, checked out the outputs dvc.lock names ("didn't change")."""
+    return "Running stage 'train'" not in output and (
+        "Stage 'train' is cached" in output or "Stage 'train' didn't change" in output
+    )
 
 
 def execute(point: Point, signals: _Signals) -> Result:

@@ -2,6 +2,7 @@
 data, models and the tracking store left as they were."""
 
 import contextlib
+import json
 import os
 import pickle
 import shutil
@@ -17,11 +18,13 @@ import torch
 
 from tests.helpers import (
     DVC,
+    all_runs,
     cli_env,
     client_for,
     error_line,
     idx_bytes,
     make_project,
+    mlflow_server,
     run,
     runs,
     shrunk_params,
@@ -448,3 +451,179 @@ def test_installed_commands_use_the_project_they_are_run_in(trained, tmp_path):
         assert outside.stderr.splitlines() == [
             f"error: {tmp_path}: not inside a project (no directory above it has dvc.yaml and params.yaml)"
         ]
+
+
+# MLflow follows DVC: a stage writes to MLflow what its published files back, so an interrupt at
+# any point leaves the registry, the champion alias and the run statuses consistent with the files.
+# The points are hit exactly by a proxy between the stage and a real `mlflow server`: on the request
+# named, it sends SIGTERM to the stage and holds the request until the signal has been delivered.
+
+
+class SignallingProxy:
+    """A loopback HTTP proxy to `upstream` that signals `pid` on the first request matching
+    `signal_at` ((method, path, text in the body)), before passing that request on."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.pid, self.signal_at, self.signalled = 0, None, False
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def arm(self, pid: int, method: str, path: str, body_has: str = "") -> None:
+        self.pid, self.signal_at, self.signalled = pid, (method, path, body_has), False
+
+    def _maybe_signal(self, method: str, path: str, body: bytes) -> None:
+        if self.signal_at is None or self.signalled:
+            return
+        want_method, want_path, body_has = self.signal_at
+        if method == want_method and path.split("?")[0] == want_path and body_has.encode() in body:
+            self.signalled = True
+            os.kill(self.pid, signal.SIGTERM)
+            while signal_pending(self.pid, signal.SIGTERM):  # delivered: the stage has recorded it
+                time.sleep(0.01)
+
+    def _handler(self):
+        import http.client
+        import http.server
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy._maybe_signal(self.command, self.path, body)
+                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                reply = upstream.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = forward
+
+        return Handler
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits to be delivered to `pid` (sent, not yet taken by a handler)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    pending = (int(line.split()[1], 16) for line in status if line.startswith(("SigPnd:", "ShdPnd:")))
+    return any(mask >> (signum - 1) & 1 for mask in pending)
+
+
+MODEL_NAME = "fashion-mnist-softmax"
+
+
+def md5_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def eval_files(project) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((project / "reports/eval").iterdir())}
+
+
+def assert_mlflow_follows_the_files(client, published: set[str]) -> None:
+    """Every registered version holds a model the stage published, from a FINISHED run; the champion
+    is an evaluated version of a FINISHED run; no run is left RUNNING; every evaluation is complete."""
+    for version in client.search_model_versions(f"name = '{MODEL_NAME}'"):
+        run = client.get_run(version.run_id)
+        assert run.info.status == "FINISHED", f"version {version.version}: run {run.info.status}"
+        assert run.data.tags["dvc.model_md5"] in published, f"version {version.version}: model never published"
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert client.get_run(champion.run_id).info.status == "FINISHED" and "test_acc" in champion.tags
+    for run in all_runs(client):
+        assert run.info.status != "RUNNING"
+        assert run.data.tags.get("evaluation.status", "complete") == "complete"
+
+
+def test_mlflow_follows_dvc_wherever_train_and_evaluate_are_interrupted(trained, tmp_path):
+    """SIGTERM before a stage publishes its files leaves MLflow as it was (train's run KILLED, no
+    version; evaluate logs nothing); after, the stage finishes what MLflow must say about the files
+    it published (the version, the evaluation, the champion) and exits 1 saying so."""
+    backend = f"sqlite:///{trained / 'mlflow.db'}"  # the trained project's store, behind a server
+    with mlflow_server(backend, tmp_path / "artifacts") as url, SignallingProxy(url) as proxy:
+        client = client_for(url)
+        published = {md5_of(trained / "models/model.pt")}
+
+        def interrupted(stage, method, path, body_has=""):
+            proc = subprocess.Popen(
+                stage_command(stage), cwd=trained, env=cli_env(MLFLOW_TRACKING_URI=proxy.url),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            proxy.arm(proc.pid, method, path, body_has)
+            _, stderr = proc.communicate(timeout=300)
+            assert proxy.signalled, f"{stage} never sent {method} {path}"
+            assert proc.returncode == 1 and "Traceback" not in stderr
+            published.add(md5_of(trained / "models/model.pt"))
+            assert_mlflow_follows_the_files(client, published)
+            return stderr.strip().splitlines()[-1]
+
+        def promote(target):
+            return run(["python", "-m", "stages.promote", target], trained, check=False, MLFLOW_TRACKING_URI=url)
+
+        # Another seed: a model unlike the published one, so "published" is visible in the files.
+        (trained / "params.yaml").write_text((trained / "params.yaml").read_text().replace("seed: 0", "seed: 1"))
+        before = snapshot(trained)
+
+        # train, as it logs the model (before publishing): KILLED, no version, files as they were.
+        line = interrupted("train", "POST", "/api/2.0/mlflow/logged-models")
+        assert line == "error: interrupted by SIGTERM; outputs stay the previous complete ones"
+        assert snapshot(trained) == before
+        killed = next(r for r in all_runs(client) if r.info.status == "KILLED")
+        assert client.search_model_versions(f"run_id = '{killed.info.run_id}'") == []
+        refused = promote(killed.info.run_id)
+        assert refused.returncode == 1 and "registered no version" in error_line(refused)
+
+        # train, as it registers the model (after publishing): the version of the published model.
+        line = interrupted("train", "POST", "/api/2.0/mlflow/model-versions/create")
+        assert line == "error: interrupted by SIGTERM after the outputs were written"
+        model_md5 = md5_of(trained / "models/model.pt")
+        assert (trained / "models/model.pt").read_bytes() != before["models/model.pt"]
+        new = max(client.search_model_versions(f"name = '{MODEL_NAME}'"), key=lambda v: int(v.version))
+        assert client.get_run(new.run_id).data.tags["dvc.model_md5"] == model_md5
+        assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
+        refused = promote(new.version)
+        assert refused.returncode == 1 and "was never evaluated" in error_line(refused)
+
+        # evaluate, as it looks for the model's run (before publishing): nothing logged anywhere.
+        reports = eval_files(trained)
+        line = interrupted("evaluate", "POST", "/api/2.0/mlflow/runs/search", "dvc.model_md5")
+        assert line == "error: interrupted by SIGTERM; outputs stay the previous complete ones"
+        assert eval_files(trained) == reports
+        assert "evaluation.status" not in client.get_run(new.run_id).data.tags
+        assert "test_acc" not in client.get_model_version(MODEL_NAME, new.version).tags
+        assert promote(new.version).returncode == 1
+
+        # evaluate, part-way through logging (after publishing), with no champion yet: the
+        # evaluation is logged whole and the alias lands on the best version all the same.
+        client.delete_registered_model_alias(MODEL_NAME, "champion")
+        line = interrupted("evaluate", "POST", "/api/2.0/mlflow/model-versions/set-tag")
+        assert line == "error: interrupted by SIGTERM after the outputs were written"
+        metrics = json.loads((trained / "reports/eval/metrics.json").read_text())
+        assert client.get_run(new.run_id).data.metrics["test_acc"] == metrics["test_acc"]
+        assert client.get_model_version(MODEL_NAME, new.version).tags["test_acc"] == f"{metrics['test_acc']:.4f}"
+        best = max(float(v.tags["test_acc"]) for v in client.search_model_versions(f"name = '{MODEL_NAME}'"))
+        assert float(client.get_model_version_by_alias(MODEL_NAME, "champion").tags["test_acc"]) == best

@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from stages.data import CLASSES
 from tests.helpers import DVC, ROOT, cli_env, free_port, make_project, run, shrunk_params, wait_for
 
 pytestmark = pytest.mark.slow
@@ -58,8 +59,9 @@ def test_test_images_get_the_pipelines_own_predictions(served):
     batch = images[:32].astype(np.float32) / 255
     status, body = post(url, json.dumps({"inputs": batch.tolist()}).encode())
     assert status == 200, body[:500]
-    probabilities = np.asarray(json.loads(body)["predictions"])
-    assert probabilities.shape == (32, 10)
+    rows = json.loads(body)["predictions"]  # one object per image: class name -> probability
+    assert len(rows) == 32 and all(list(row) == list(CLASSES) for row in rows)
+    probabilities = np.asarray([[row[name] for name in CLASSES] for row in rows])
     np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
     model, _ = load_checkpoint(project / "models/model.pt")
     with torch.inference_mode():
@@ -75,7 +77,10 @@ def test_the_readme_curl_returns_probabilities(served):
     proc = subprocess.run(["bash", "-c", command], cwd=project, env=cli_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     (probabilities,) = json.loads(proc.stdout)["predictions"]
-    assert len(probabilities) == 10 and abs(sum(probabilities) - 1) < 1e-5
+    assert list(probabilities) == list(CLASSES) and abs(sum(probabilities.values()) - 1) < 1e-5
+    section = (ROOT / "README.md").read_text().split("### Serving", 1)[1]
+    shown = section.split("It answers", 1)[1].split("```")[1]  # the reply's shape, as the README shows it
+    assert shown.strip().startswith('{"predictions": [{"T-shirt/top": ') and '"Ankle boot": ' in shown
 
 
 @pytest.mark.parametrize(
@@ -93,6 +98,33 @@ def test_bad_payloads_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
     status, answer = post(url, body)
     assert 400 <= status < 500, answer[:500]
     assert json.loads(answer)["message"]
+    assert_still_serving(url)
+
+
+def assert_still_serving(url: str) -> None:
     good = json.dumps({"inputs": np.zeros((1, 28, 28)).tolist()}).encode()
     status, answer = post(url, good)
-    assert status == 200 and len(json.loads(answer)["predictions"][0]) == 10
+    assert status == 200 and list(json.loads(answer)["predictions"][0]) == list(CLASSES)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_nan_or_infinite_pixels_get_a_400_that_names_them(served, value):
+    """Python's JSON reads NaN and Infinity; the model refuses them rather than answer NaN probabilities."""
+    _, url = served
+    rows = [["0.5"] * 28 for _ in range(28)]
+    rows[3][4] = value
+    body = ('{"inputs": [[' + ", ".join("[" + ", ".join(row) + "]" for row in rows) + "]]}").encode()
+    status, answer = post(url, body)
+    assert status == 400, answer[:500]
+    message = json.loads(answer)["message"]
+    assert "NaN or infinite" in message and "image 0, row 3, column 4" in message
+    assert_still_serving(url)
+
+
+def test_a_100000_deep_json_body_is_mlflows_500_and_the_server_keeps_serving(served):
+    """MLflow's server parses the body before the model sees it and answers a RecursionError with a
+    bare 500 (README, "When something goes wrong" says so); the next request is served."""
+    _, url = served
+    status, _ = post(url, b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert status == 500
+    assert_still_serving(url)

@@ -218,14 +218,18 @@ def test_unreachable_scheduler_and_uncommitted_changes_fail_fast(team):
 
 
 def test_local_default_lands_in_the_project(team):
-    """No scheduler: a LocalCluster; results in this project's experiments and MLflow store."""
-    proc = sweep(team.project, "-S", "lr=0.05,0.2", "-S", "num_epochs=2", "--workers", "2")
+    """No scheduler: a LocalCluster; results in this project's experiments and MLflow store. The
+    commit's own params (lr 0.0001, 1 epoch, run by the fixture's `dvc repro`) are not trained again."""
+    proc = sweep(team.project, "-S", "lr=0.05,0.2,0.0001", "-S", "num_epochs=2,1", "--workers", "2")
     assert "LocalCluster of 2 worker(s)" in proc.stdout
-    assert {r["status"] for r in table(proc.stdout).values()} == {"done"}, proc.stdout
+    statuses = {name: r["status"] for name, r in table(proc.stdout).items()}
+    assert statuses["lr0.0001-ep1"] == "restored", proc.stdout
+    assert set(statuses.values()) == {"done", "restored"}, proc.stdout
     listed = run([DVC, "exp", "ls", "--name-only"], team.project).stdout.split()
     assert {"lr0.05-ep2", "lr0.2-ep2"} <= set(listed)
     local = {r.info.run_name: r.info.status for r in runs(team.project)}
-    assert local == {"lr0.05-ep2": "FINISHED", "lr0.2-ep2": "FINISHED"}
+    trained = [name for name, status in statuses.items() if status == "done"]
+    assert local == dict.fromkeys(trained, "FINISHED")
     assert not list((team.project / ".dvc" / "tmp" / "sweep").glob("lr*"))  # clones removed
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stages.data import CLASSES
 from tests.helpers import (
     DVC,
     all_runs,
@@ -72,7 +73,9 @@ def test_a_run_holds_params_curves_reports_and_a_loadable_model(tiny_project):
     served = mlflow.pyfunc.load_model("models:/fashion-mnist-softmax@champion")
     images, _ = load_split(tiny_project / "data/fashion-mnist", "test")
     batch = images[:5].astype(np.float32) / 255
-    probabilities = served.predict(batch)
+    answer = served.predict(batch)  # a row per image, a column per class by name
+    assert list(answer.columns) == list(CLASSES)
+    probabilities = answer.to_numpy()
     assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
     model, _ = load_checkpoint(tiny_project / "models/model.pt")
     with torch.no_grad():

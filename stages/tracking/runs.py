@@ -19,11 +19,12 @@ import os
 import socket
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from stages import Interrupted
 from stages.config import Params, mlflow_value
-from stages.data import IMAGE_SHAPE, NUM_CLASSES
+from stages.data import CLASSES, IMAGE_SHAPE
 from stages.tracking.champion import consider_champion, newest_version
 from stages.tracking.provenance import HOST_TAG, PID_TAG, source_tags
 from stages.tracking.store import Store, TrackingError, connect, is_local_store, redacted, store_root
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MODEL_MD5_TAG = "dvc.model_md5"
 EVALUATION_TAG = "evaluation.status"  # incomplete while an evaluation is being logged, then complete
+SERVED_REQUIREMENTS = ("torch", "numpy", "pandas")  # what stages/served_model.py imports, besides MLflow
 CURVE_PREFIX = "epoch/"  # per-epoch curves; the final evaluation keeps metrics.json's keys
 EXPERIMENT_DESCRIPTION = """\
 Softmax regression on Fashion-MNIST (Dive into Deep Learning 3.7) as a DVC pipeline:
@@ -147,36 +149,49 @@ class Run:
         with self.store.operation("failed tagging the run"):
             self.client.set_tag(self.run_id, MODEL_MD5_TAG, model_md5)
 
-    def log_model(self, model, example) -> None:
-        """The model plus a softmax, so MLflow serves class probabilities for a batch of
-        28x28 float images in [0, 1]; `register_model` registers it once the stage's files are out.
+    def log_model(self, served_model: Path, checkpoint: bytes, example) -> None:
+        """The checkpoint as an MLflow model from code (`served_model`, stages/served_model.py):
+        it serves class probabilities for a batch of 28x28 float images in [0, 1], one named column
+        per class; `register_model` registers it once the stage's files are out.
 
         The logged model is created here, for this run, and handed to MLflow with the run's id:
         no active run is opened (see the module's docstring)."""
         import numpy as np
-        import torch
         from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
+        from mlflow.types import ColSpec, Schema, TensorSpec
+        from mlflow.utils import requirements_utils
 
-        served = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).cpu().eval()
+        # MLflow checks the requirements against this environment after mapping every installed
+        # package to its modules (~0.9 s: it reads each package's file list). The versions below
+        # are read from this environment, and with an empty map the check still compares them.
+        if requirements_utils._MODULES_TO_PACKAGES is None:
+            requirements_utils._MODULES_TO_PACKAGES = {}
+
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+            outputs=Schema([ColSpec("float", name) for name in CLASSES]),
         )
-        with self.store.operation("failed logging the model"):
+        with self.store.operation("failed logging the model"), tempfile.TemporaryDirectory(prefix="model-") as tmp:
+            weights = Path(tmp) / "model.pt"
+            weights.write_bytes(checkpoint)
             run = self.client.get_run(self.run_id)
             logged = self.client.create_logged_model(
                 run.info.experiment_id, name="model", source_run_id=self.run_id, params=run.data.params
             )
             self.model_id = logged.model_id
-            self.store.mlflow.pytorch.log_model(
-                served,
+            mlflow = self.store.mlflow
+            mlflow.models.Model.log(  # pyfunc.log_model without its active run: this run, by id
+                artifact_path=None,
                 name="model",
+                flavor=mlflow.pyfunc,
+                python_model=served_model,
+                artifacts={"checkpoint": str(weights)},
+                model_config={"classes": list(CLASSES)},
                 model_id=logged.model_id,
                 run_id=self.run_id,
                 signature=signature,
-                input_example=example.numpy(),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                input_example=example,
+                pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVED_REQUIREMENTS],
             )
 
     def register_model(self) -> None:

@@ -23,6 +23,7 @@ _ENV_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a model logged or loaded is not news
 }
 # MLflow prints `View run <name> at: <server URL>` when a run on a server ends, password included
 # when MLFLOW_TRACKING_URI carries one; the stage prints what a user needs, so this is always off.
@@ -96,6 +97,14 @@ def import_mlflow():
     # Stage output stays what a user needs; MLflow's failures reach them as one `error:` line.
     logging.getLogger("mlflow").setLevel(logging.CRITICAL)
     return mlflow
+
+
+def preload() -> None:
+    """Import MLflow and its SQL stores' modules (SQLAlchemy, alembic: ~3 s) without opening a
+    store: what a stage does while its torch half computes in another process (stages/forked.py)."""
+    import_mlflow()
+    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 @contextlib.contextmanager
