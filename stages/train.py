@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 
 from stages import ArgumentParser, check_interrupt, determinism, files, run_stage, tracking
@@ -57,4 +59,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main)  # returns only when the stage succeeded: outputs published, MLflow told
+    sys.stderr.flush()
+    os._exit(0)  # without the interpreter's teardown of torch's and MLflow's modules (~0.5 s)

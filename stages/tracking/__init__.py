@@ -9,6 +9,6 @@ restored from DVC's run-cache (no command runs) still leads to the run that trai
 
 from stages.tracking.champion import CHAMPION
 from stages.tracking.runs import evaluation_run, training_run
-from stages.tracking.store import TrackingError, connect, redacted
+from stages.tracking.store import TrackingError, connect, preload, redacted
 
-__all__ = ["CHAMPION", "TrackingError", "connect", "evaluation_run", "redacted", "training_run"]
+__all__ = ["CHAMPION", "TrackingError", "connect", "evaluation_run", "preload", "redacted", "training_run"]

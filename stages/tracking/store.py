@@ -99,6 +99,14 @@ def import_mlflow():
     return mlflow
 
 
+def preload() -> None:
+    """Import MLflow and its SQL stores' modules (SQLAlchemy, alembic: ~3 s) without opening a
+    store: what a stage does while its torch half computes in another process (stages/forked.py)."""
+    import_mlflow()
+    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 @contextlib.contextmanager
 def one_line_errors(uri: str, doing: str):
     """MLflow's errors as the one line a user needs: which store, doing what, and why."""

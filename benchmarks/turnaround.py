@@ -1,0 +1,151 @@
+"""Benchmark: the turnaround of one experiment, `dvc exp run -S lr=0.05`, at two commits side by side.
+
+    python -m benchmarks.turnaround --base <commit> [--head HEAD] [--reps 3]
+
+Each commit gets a temporary clone of this repository with data/fashion-mnist hardlinked in and
+one `dvc repro` first (the store exists, the data is in DVC's cache: a user's state after `make
+pipeline`). Then, rep by rep and alternating which commit goes first, each clone runs the
+experiment with the committed params and no run-cache, so it trains. Its wall time splits into
+training compute, the epochs' own time (from the moments dvc prints each epoch line: first to
+last, plus one mean epoch for the first), and the fixed rest: imports, MLflow, the model's
+logging, the reports, dvc itself. Writes the "Experiment turnaround" section of
+benchmarks/RESULTS.md (other sections are left as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Experiment turnaround"
+COMMAND = ["dvc", "exp", "run", "-S", "lr=0.05"]
+STAGE_LINE = re.compile(r"^(?:Running stage|Stage) '(\w+)'")
+EPOCH_LINE = re.compile(r"^epoch +\d+ ")
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} in {cwd} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout
+
+
+def clone(commit: str, where: Path, data: Path, env: dict) -> Path:
+    run(["git", "clone", "--quiet", "--no-checkout", str(ROOT), str(where)], ROOT, env)
+    run(["git", "checkout", "--quiet", commit], where, env)
+    (where / "data").mkdir(exist_ok=True)
+    shutil.copytree(data, where / "data" / "fashion-mnist", copy_function=os.link)
+    run(["dvc", "repro"], where, env)  # the user's state before an experiment: a store, a cache
+    return where
+
+
+def timed_experiment(project: Path, env: dict) -> dict:
+    """One `dvc exp run -S lr=0.05` that trains: wall, training compute, each stage's time."""
+    run(["git", "checkout", "--quiet", "--", "params.yaml", "dvc.lock"], project, env)
+    run(["dvc", "checkout", "--quiet"], project, env)
+    shutil.rmtree(project / ".dvc" / "cache" / "runs", ignore_errors=True)  # no restore: it trains
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        COMMAND, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    lines = [(time.perf_counter() - start, line.rstrip("\n")) for line in proc.stdout]
+    wall = time.perf_counter() - start
+    if proc.wait() != 0:
+        raise SystemExit(f"{' '.join(COMMAND)} in {project} failed:\n" + "\n".join(text for _, text in lines[-40:]))
+    epochs = [t for t, text in lines if EPOCH_LINE.match(text)]
+    if len(epochs) < 2:
+        raise SystemExit(f"{project}: fewer than two epoch lines; did it train?")
+    compute = (epochs[-1] - epochs[0]) * len(epochs) / (len(epochs) - 1)
+    marks = [(t, m.group(1)) for t, text in lines if (m := STAGE_LINE.match(text))] + [(wall, "")]
+    stages = {name: later - t for (t, name), (later, _) in zip(marks, marks[1:], strict=False)}
+    return {"wall": wall, "compute": compute, "fixed": wall - compute, **{f"stage {k}": v for k, v in stages.items()}}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
+    columns = ["wall", "compute", "fixed", "stage check_params", "stage train", "stage evaluate"]
+    names = {"wall": "wall", "compute": "training compute", "fixed": "fixed rest"}
+    head = "| commit | " + " | ".join(names.get(c, c.replace("stage ", "") + " stage") for c in columns) + " |"
+    rows = [head, "|" + " --- |" * (len(columns) + 1)]
+    for key, reps in results.items():
+        cells = [spread([r.get(c, 0.0) for r in reps]) for c in columns]
+        rows.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md; the other sections stay."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="the commit to compare against (e.g. main~3)")
+    parser.add_argument("--head", default="HEAD", help="the commit measured (default HEAD; commit your edits)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "fashion-mnist")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python and dvc
+    commits = {
+        key: run(["git", "rev-parse", "--short", rev], ROOT, env).strip()
+        for key, rev in (("base", args.base), ("head", args.head))
+    }
+    labels = {"base": f"base `{commits['base']}`", "head": f"head `{commits['head']}`"}
+    if run(["git", "status", "--porcelain", "--untracked-files=no"], ROOT, env).strip():
+        print("note: uncommitted edits are not measured: the clones are of commits", file=sys.stderr)
+    results: dict[str, list[dict]] = {"base": [], "head": []}
+    with tempfile.TemporaryDirectory(prefix="turnaround-") as tmp:
+        projects = {}
+        for key, commit in commits.items():
+            print(f"cloning {commit} and running dvc repro once", file=sys.stderr)
+            projects[key] = clone(commit, Path(tmp) / key, args.data, env)
+        for rep in range(args.reps):
+            for key in ("base", "head") if rep % 2 == 0 else ("head", "base"):  # interleaved
+                result = timed_experiment(projects[key], env)
+                results[key].append(result)
+                shown = f"wall {result['wall']:.1f} s, compute {result['compute']:.1f} s"
+                print(f"rep {rep + 1} {key}: {shown}", file=sys.stderr)
+    base_fixed = statistics.median(r["fixed"] for r in results["base"])
+    head_fixed = statistics.median(r["fixed"] for r in results["head"])
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    text = f"""{SECTION}
+
+`python -m benchmarks.turnaround --base {args.base} --reps {args.reps}`, {when}, {cpu}, {os.cpu_count()} cores,
+Python {platform.python_version()}. Seconds for one `dvc exp run -S lr=0.05` that trains (no run-cache),
+median (min-max) over {args.reps} rep(s), the two commits interleaved in the same run. Training compute
+is the epochs' own time (dvc's epoch lines, first to last, plus one mean epoch); the fixed rest is
+everything else. A stage's time runs from dvc's line announcing it to the next one (dvc's own
+bookkeeping included).
+
+{table(results, labels)}
+
+Fixed rest, head against base: **{head_fixed / base_fixed:.2f}x** ({head_fixed:.1f} s against {base_fixed:.1f} s).
+"""
+    write_section(text, args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
