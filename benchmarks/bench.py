@@ -1,7 +1,7 @@
 """Benchmark: a train epoch in the default (portable) mode against fast mode, a lower bound and the book.
 
-    python -m benchmarks.bench                # the figures in benchmarks/RESULTS.md (~10 min)
-    python -m benchmarks.bench --quick        # a smoke run of every measure (~2 min), figures noisy
+    python -m benchmarks.bench                # the figures in benchmarks/RESULTS.md (10-15 min idle)
+    python -m benchmarks.bench --quick        # a smoke run of every measure (a few minutes idle)
 
 Needs the data in data/fashion-mnist (run the pipeline once). Every figure comes from this one run
 on this machine: the two modes' epochs alternate process by process, so a load change on a shared

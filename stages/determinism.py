@@ -8,7 +8,7 @@ counts, measured on torch 2.14.1 (MKL 2024.2, oneDNN 3.12):
   e.g. `normal_` (the weight init) has an AVX2 variant that rounds differently;
 - a fixed thread count, the same on every machine whatever its cores, with MKL's dynamic threading
   off: CNR's documented condition. Two, because the matrix products are most of an epoch and two
-  threads run them 1.6-2x faster than one, while giving the very bytes one thread gives (so the
+  threads run them 1.6-2.3x faster than one, while giving the very bytes one thread gives (so the
   committed dvc.lock, made with one, still holds); four threads split the products otherwise and
   differ. A one-core machine runs both threads on its core: slower, the same bytes. The threads
   wait passively (`OMP_WAIT_POLICY`, no effect on results): spinning, two threads that share
