@@ -32,7 +32,7 @@ from stages.git import git_or_none
 from stages.lineage import MODEL_PATH, Lineage, Resolver
 from stages.tracking.store import one_line_errors
 
-STORED_MODEL_FILE = "data/model.pt2"  # the logged model's weights (MLflow's pt2 export: deterministic bytes)
+STORED_MODEL_FILE = "artifacts/model.pt"  # the logged model's checkpoint: the bytes of models/model.pt
 
 
 class NotReproducible(PipelineError):
@@ -85,6 +85,8 @@ def recorded_params(lineage: Lineage, committed: dict) -> dict:
     recorded |= {k: v for k, v in lineage.tags.items() if k.startswith("evaluate.")}
     for key, text in recorded.items():
         section, _, name = key.rpartition(".")
+        if (section or name) not in params:  # not a param: MLflow logs a model's model_config (`classes`) too
+            continue
         target = params.setdefault(section, {}) if section else params
         target[name] = json.loads(text) if text.startswith("[") else yaml.safe_load(text)
     return params
