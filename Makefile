@@ -45,7 +45,7 @@ serve: setup  ## serve the champion model on http://127.0.0.1:5001/invocations (
 	  mlflow models serve -m models:/fashion-mnist-softmax@champion --env-manager local \
 	  -h 127.0.0.1 -p $(SERVE_PORT)
 
-bench: setup  ## time the pipeline against the book's loop: benchmarks/RESULTS.md
+bench: setup  ## a train epoch, portable against fast, a lower bound and the book's script: benchmarks/RESULTS.md
 	python -m benchmarks.bench
 
 setup: $(STAMP) $(NODE_STAMP) $(DATA)

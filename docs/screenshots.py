@@ -5,13 +5,15 @@
 Runs the pipeline three times (`dvc repro` and two `dvc exp run`s) in a throwaway copy of the
 project, opens its store in the real MLflow UI on a free loopback port and drives headless
 Chromium (Debian's /usr/bin/chromium, through Playwright) the way the README's browsing guide
-says: Model training view, `test_acc`, `lr` and `batch_size` columns, sorted by `test_acc`;
-then the chart view with the runs' `epoch/*` curves overlaid. Nothing leaves this machine.
+says: its link (Model training view), the Assistant panel closed, `test_acc`, `lr` and
+`batch_size` columns, Sort > `test_acc`; then Chart view with the runs' `epoch/*` curves
+overlaid. Nothing leaves this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,17 +64,19 @@ def screenshots(url: str, out: Path) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport=VIEWPORT)
-        page.goto(f"{runs_page}&orderByKey=metrics.%60test_acc%60&orderByAsc=false")
+        page.goto(runs_page)  # the README's link, then its steps 2 and 3
         page.get_by_text("lr-0.3").first.wait_for(timeout=120_000)
-        if page.get_by_role("button", name="Close").count():  # the assistant's side panel
-            page.get_by_role("button", name="Close").first.click()
+        page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]').click()  # its ×
         page.get_by_role("button", name="Columns").click()
         for name in ("Dataset", "test_acc", "lr", "batch_size"):  # Dataset off: room for the others
             page.get_by_text(name, exact=True).last.click()
         page.keyboard.press("Escape")
+        page.get_by_role("button", name=re.compile("^Sort")).click()
+        page.locator("[data-radix-popper-content-wrapper]").last.get_by_text("test_acc", exact=True).click()
+        page.keyboard.press("Escape")
         page.wait_for_timeout(1500)
         page.screenshot(path=out / "runs.png")
-        page.goto(f"{runs_page}&compareRunsMode=CHART")
+        page.locator("label:has(input[value=CHART])").click()  # the middle icon: Chart view
         for chart in range(3):  # the three epoch/* charts, drawn once their data arrives
             page.get_by_text("Step", exact=True).nth(chart).wait_for(timeout=120_000)
         page.mouse.move(VIEWPORT["width"] - 1, VIEWPORT["height"] - 1)  # no hover toolbar over a chart
@@ -90,8 +94,9 @@ def main() -> None:
         project = make_runs(Path(tmp), args.epochs)
         port = free_port()
         cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"]
-        cmd += ["--host", "127.0.0.1", "--port", str(port)]
-        server = subprocess.Popen(cmd, env=cli_env(MLFLOW_DISABLE_TELEMETRY="true"), stdout=subprocess.DEVNULL)
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # as `make ui` runs it
+        env = cli_env(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
         try:
             wait_for(f"http://127.0.0.1:{port}/health", server)
             screenshots(f"http://127.0.0.1:{port}", args.out)

@@ -22,7 +22,7 @@ def compute_reports(args, params: Params, history: list[dict]) -> tuple[dict, di
     """The torch half: (metrics, every report file by name). Runs in a process of its own."""
     import torch
 
-    from stages import reports  # torch and matplotlib, after determinism.apply
+    from stages import reports  # torch, scikit-learn and matplotlib, after determinism.apply
     from stages.model import load_checkpoint
 
     determinism.threads(params.determinism)

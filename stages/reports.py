@@ -1,22 +1,17 @@
-"""The evaluation's work: test-set predictions, metrics, the classification report and the pictures.
+"""The evaluation's work: test-set predictions, metrics, the scikit-learn report and the pictures.
 
-The report and the confusion matrix picture are scikit-learn's (`classification_report`,
-`ConfusionMatrixDisplay`), computed here with the same numpy operations in the same order, so the
-files are the same bytes (tests/test_evaluate.py compares them with scikit-learn's): importing
-scikit-learn and SciPy took ~1.5 s of every evaluation, for ten counts per class.
-
-Imports torch and matplotlib at the top: the evaluate stage imports this module only after
-determinism is applied."""
+Imports torch, scikit-learn and matplotlib at the top: the evaluate stage imports this module only
+after determinism is applied."""
 
 from __future__ import annotations
 
 import io
-import itertools
 
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report
 
 from stages.data import CLASSES
 from stages.files import json_bytes
@@ -41,63 +36,14 @@ def predict(model, images_u8, batch_size: int):
         )
 
 
-def confusion_matrix(actual, predicted, classes: int):
-    """Counts: row = true class, column = predicted class (scikit-learn's `confusion_matrix`)."""
-    return np.bincount(actual * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-
-
-def _divide(numerator, denominator):
-    """Elementwise in float64, 0 where the denominator is 0 (scikit-learn's `zero_division=0`)."""
-    denominator = np.asarray(denominator, dtype=np.float64).copy()
-    empty = denominator == 0
-    denominator[empty] = 1
-    result = np.asarray(numerator, dtype=np.float64) / denominator
-    result[empty] = 0.0
-    return result
-
-
-def _scores(tp, pred_sum, true_sum):
-    """(precision, recall, f1) per entry, as scikit-learn's `precision_recall_fscore_support`."""
-    f1 = _divide(2.0 * tp.astype(np.float64), 1.0 * true_sum.astype(np.float64) + pred_sum.astype(np.float64))
-    return _divide(tp, pred_sum), _divide(tp, true_sum), f1
-
-
-def classification_report(confusion, names: list[str], digits: int = 4) -> tuple[dict, str]:
-    """scikit-learn's `classification_report(..., digits=4, zero_division=0)`, as a dict and as text."""
-    tp, pred_sum, true_sum = np.diag(confusion), confusion.sum(0), confusion.sum(1)
-    if not tp.any():  # no prediction right: scikit-learn's counts are floats then ("1000.0" in the text)
-        tp, pred_sum, true_sum = (counts.astype(np.float64) for counts in (tp, pred_sum, true_sum))
-    precision, recall, f1 = _scores(tp, pred_sum, true_sum)
-    headers = ["precision", "recall", "f1-score", "support"]
-    rows = list(zip(names, precision, recall, f1, true_sum, strict=True))
-    micro = [float(np.nanmean(v)) for v in _scores(*(np.reshape(x.sum(), (1,)) for x in (tp, pred_sum, true_sum)))]
-    averages = {
-        "accuracy": micro,
-        "macro avg": [float(np.nanmean(v)) for v in (precision, recall, f1)],
-        "weighted avg": [float(np.average(v, weights=true_sum)) for v in (precision, recall, f1)],
-    }
-    support = np.sum(true_sum)
-    report = {name: dict(zip(headers, map(float, scores), strict=True)) for name, *scores in rows}
-    report |= {heading: dict(zip(headers, [*avg, float(support)], strict=True)) for heading, avg in averages.items()}
-    report["accuracy"] = report["accuracy"]["precision"]
-
-    width = max(max(len(name) for name in names), len("weighted avg"), digits)
-    row = "{:>{width}s} " + " {:>9.{digits}f}" * 3 + " {:>9}\n"
-    text = ("{:>{width}s} " + " {:>9}" * len(headers)).format("", *headers, width=width) + "\n\n"
-    text += "".join(row.format(*r, width=width, digits=digits) for r in rows) + "\n"
-    accuracy_row = "{:>{width}s} " + " {:>9.{digits}}" * 2 + " {:>9.{digits}f}" + " {:>9}\n"
-    text += accuracy_row.format("accuracy", "", "", micro[2], support, width=width, digits=digits)
-    for heading in ("macro avg", "weighted avg"):
-        text += row.format(heading, *averages[heading], support, width=width, digits=digits)
-    return report, text
-
-
 def compute_metrics(logits, labels) -> tuple[dict, dict, str]:
     """(metrics for DVC, report as dict, report as text)."""
     loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
     predicted = logits.argmax(1).cpu().numpy()
     actual = labels.cpu().numpy()
-    report, text = classification_report(confusion_matrix(actual, predicted, len(CLASSES)), list(CLASSES))
+    kwargs = dict(labels=list(range(len(CLASSES))), target_names=list(CLASSES), digits=4, zero_division=0)
+    report = classification_report(actual, predicted, output_dict=True, **kwargs)
+    text = classification_report(actual, predicted, **kwargs)
     metrics = {"test_loss": loss, "test_acc": report["accuracy"]}
     for avg in ("macro", "weighted"):
         for name in ("precision", "recall", "f1-score"):
@@ -126,27 +72,11 @@ def draw_curves(history: list[dict]) -> bytes:
 
 
 def draw_confusion(actual, predicted) -> bytes:
-    """scikit-learn's `ConfusionMatrixDisplay.from_predictions(..., xticks_rotation=45, colorbar=False)`."""
-    confusion = confusion_matrix(actual, predicted, len(CLASSES))
     fig, ax = plt.subplots(figsize=(8, 7))
-    image = ax.imshow(confusion, interpolation="nearest", cmap="viridis")
-    dark, light = image.cmap(0), image.cmap(1.0)
-    middle = (confusion.max() + confusion.min()) / 2.0
-    for i, j in itertools.product(range(len(CLASSES)), repeat=2):
-        count = confusion[i, j]
-        text = min(format(count, ".2g"), format(count, "d"), key=len)  # "d" only when shorter, as scikit-learn
-        ax.text(j, i, text, ha="center", va="center", color=light if count < middle else dark)
-    ticks = np.arange(len(CLASSES))
-    ax.set(
-        xticks=ticks,
-        yticks=ticks,
-        xticklabels=CLASSES,
-        yticklabels=CLASSES,
-        ylabel="True label",
-        xlabel="Predicted label",
-    )
-    ax.set_ylim((len(CLASSES) - 0.5, -0.5))
-    plt.setp(ax.get_xticklabels(), rotation=45)
+    ConfusionMatrixDisplay.from_predictions(
+        actual, predicted, labels=list(range(len(CLASSES))), display_labels=CLASSES,
+        ax=ax, xticks_rotation=45, colorbar=False,
+    )  # fmt: skip
     return _png(fig)
 
 

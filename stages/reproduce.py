@@ -32,9 +32,7 @@ from stages.git import git_or_none
 from stages.lineage import MODEL_PATH, Lineage, Resolver
 from stages.tracking.store import one_line_errors
 
-# The logged model's weights: the checkpoint's own bytes (stages/served_model.py's artifact), or,
-# in versions logged before it, MLflow's pytorch flavor's pt2 export (deterministic bytes too).
-STORED_MODEL_FILES = ("artifacts/model.pt", "data/model.pt2")
+STORED_MODEL_FILE = "artifacts/model.pt"  # the logged model's checkpoint: the bytes of models/model.pt
 
 
 class NotReproducible(PipelineError):
@@ -87,6 +85,8 @@ def recorded_params(lineage: Lineage, committed: dict) -> dict:
     recorded |= {k: v for k, v in lineage.tags.items() if k.startswith("evaluate.")}
     for key, text in recorded.items():
         section, _, name = key.rpartition(".")
+        if (section or name) not in params:  # not a param: MLflow logs a model's model_config (`classes`) too
+            continue
         target = params.setdefault(section, {}) if section else params
         target[name] = json.loads(text) if text.startswith("[") else yaml.safe_load(text)
     return params
@@ -96,8 +96,8 @@ def _md5(path: Path) -> str | None:
     return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def stored_model_md5(resolver: Resolver, lineage: Lineage, dest: Path) -> tuple[str, str] | None:
-    """(file, md5) of the weights file the store holds for this model: the registered version's, else the run's."""
+def stored_model_md5(resolver: Resolver, lineage: Lineage, dest: Path) -> str | None:
+    """The md5 of the weights file the store holds for this model: the registered version's, else the run's."""
     with one_line_errors(resolver.uri, "failed finding the logged model"):
         model_id = getattr(lineage.versions[-1], "model_id", None) if lineage.versions else None
         if model_id:
@@ -109,14 +109,10 @@ def stored_model_md5(resolver: Resolver, lineage: Lineage, dest: Path) -> tuple[
             source = found[0].artifact_location if found else None
     if source is None:
         return None
-    for name in STORED_MODEL_FILES:
-        with one_line_errors(resolver.uri, "failed giving the model's files"):
-            listed = resolver.mlflow.artifacts.list_artifacts(artifact_uri=f"{source}/{Path(name).parent}")
-            if name not in {Path(name).parent.joinpath(Path(f.path).name).as_posix() for f in listed}:
-                continue
-            path = resolver.mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{name}", dst_path=str(dest))
-        return name, _md5(Path(path))
-    return None
+    with one_line_errors(resolver.uri, "failed giving the model's files"):
+        uri = f"{source}/{STORED_MODEL_FILE}"
+        path = resolver.mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
+    return _md5(Path(path))
 
 
 def clone_commit(source: str, commit: str, clone: Path, env: dict[str, str]) -> None:
@@ -168,13 +164,13 @@ def verdict(resolver: Resolver, lineage: Lineage, clone: Path, work: Path) -> tu
         if rebuilt_acc == logged_acc
         else f"test_acc {rebuilt_acc} against the logged {logged_acc}"
     )
-    stored_file, stored = stored_model_md5(resolver, lineage, work / "stored") or (None, None)
-    rebuilt_stored = _rebuilt_stored_md5(clone, stored_file)
+    stored = stored_model_md5(resolver, lineage, work / "stored")
+    rebuilt_stored = _rebuilt_stored_md5(clone)
     if rebuilt_md5 == recorded_md5 and rebuilt_acc == logged_acc:
         if stored is not None and stored != rebuilt_stored:
             return False, (
                 f"not reproduced: {title}: the rebuilt model is bit-identical to dvc.model_md5 {recorded_md5}, "
-                f"but the model file the MLflow store holds differs ({stored_file} md5 {stored}, "
+                f"but the model file the MLflow store holds differs ({STORED_MODEL_FILE} md5 {stored}, "
                 f"rebuilt {rebuilt_stored}): it was changed after it was logged"
             )
         return True, f"reproduced: {title} is bit-identical (md5 {recorded_md5}), {acc}"
@@ -197,8 +193,8 @@ def _clone_run_tag(work: Path, tag: str) -> str | None:
     return row[0] if row else None
 
 
-def _rebuilt_stored_md5(clone: Path, name: str | None) -> str | None:
-    found = sorted((clone / "mlruns").glob(f"models/*/artifacts/{name}")) if name else []  # the clone's own store
+def _rebuilt_stored_md5(clone: Path) -> str | None:
+    found = sorted((clone / "mlruns").glob(f"models/*/artifacts/{STORED_MODEL_FILE}"))  # the clone's own store
     return _md5(found[0]) if found else None
 
 

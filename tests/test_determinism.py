@@ -30,14 +30,14 @@ def set_determinism(project: Path, mode: str) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def train_as_user(project: Path, threads: int, capability: str, evaluate: bool = False) -> dict[str, str]:
+def train_as_user(project: Path, threads: int, capability: str, evaluate: bool = False, **more) -> dict[str, str]:
     """Run the train stage as a user whose environment asks for other settings; md5 of its outputs."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "ATEN_CPU_CAPABILITY": capability}
     env["MKL_CBWR"] = "AUTO"  # what portable mode must override
-    run(stage_command("train"), project, **env)
+    run(stage_command("train"), project, **env, **more)
     outputs = ["models/model.pt", "reports/train/history.json", "reports/train/run.json"]
     if evaluate:
-        run(stage_command("evaluate"), project, **env)
+        run(stage_command("evaluate"), project, **env, **more)
         outputs += ["reports/eval/metrics.json", "reports/eval/classification_report.json"]
     return {path: md5(project / path) for path in outputs}
 
@@ -45,10 +45,16 @@ def train_as_user(project: Path, threads: int, capability: str, evaluate: bool =
 def test_portable_bytes_are_the_same_for_every_thread_count_and_capability(tiny_project):
     run([DVC, "repro", "download"], tiny_project)
     # Opposite corners: one thread and the plainest kernels; two threads and the widest this CPU has.
-    corners = [(1, "default"), (2, offered_capabilities()[-1])]
+    capabilities = offered_capabilities()
+    corners = [(1, "default"), (2, capabilities[-1])]
     assert corners[1][1] != "default", "this CPU offers no vector kernels to compare against"
     reference, other = (train_as_user(tiny_project, *corner, evaluate=True) for corner in corners)
     assert other == reference
+    # Four threads (MKL splits the products otherwise: portable pins the count) and MKL told the CPU
+    # has no AVX-512 or no AVX (MKL_ENABLE_INSTRUCTIONS, as on an older or another vendor's CPU).
+    for isa in ("AVX2", "SSE4_2"):
+        older_cpu = train_as_user(tiny_project, 4, capabilities[1], MKL_ENABLE_INSTRUCTIONS=isa)
+        assert older_cpu == {path: reference[path] for path in older_cpu}, isa
 
     # The same corners in `fast` mode do differ: the test above is not passing by luck.
     set_determinism(tiny_project, "fast")
@@ -70,7 +76,7 @@ def test_a_fresh_clone_reproduces_the_committed_dvc_lock(tmp_path):
     project = copy_project(tmp_path / "clone", skip=("tests/", "benchmarks/"))
     run(["git", "init", "-q", "-b", "main"], project)
     git_commit_all(project, "fresh clone")
-    run([DVC, "repro"], project, OMP_NUM_THREADS="2")
+    run([DVC, "repro"], project, OMP_NUM_THREADS="4", MKL_NUM_THREADS="4")  # portable pins its own count
     committed = yaml.safe_load((ROOT / "dvc.lock").read_text())
     for stage, path in (("train", "models/model.pt"), ("evaluate", "reports/eval/metrics.json")):
         expected = next(out["md5"] for out in committed["stages"][stage]["outs"] if out["path"] == path)

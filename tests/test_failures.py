@@ -190,7 +190,8 @@ def test_a_signal_as_the_run_opens_is_never_swallowed(trained, signal_name, show
 def full_disk(directory):
     """`directory` on a nearly full filesystem of its own (a small tmpfs), holding its old files."""
     saved = {p.name: p.read_bytes() for p in directory.iterdir()}
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)]).returncode != 0:
+    size = sum(map(len, saved.values())) // 1024 + 64  # KiB: the old files, and room for a little more
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}k", "tmpfs", str(directory)]).returncode != 0:
         pytest.skip("mounting a tmpfs needs root")
     try:
         for name, data in saved.items():
@@ -215,6 +216,28 @@ def test_a_full_disk_is_one_line_and_publishes_none_of_the_outputs(trained):
         leftovers = [p.name for d in ("models", "reports/train") for p in (trained / d).iterdir()]
         assert [name for name in leftovers if name.endswith(".tmp")] == []  # no staged file left behind
     assert sorted(r.info.status for r in runs(trained)) == ["FAILED", "FINISHED"]
+
+
+@pytest.mark.parametrize("stage, directory", [("train", "models"), ("evaluate", "reports/eval")])
+def test_a_full_disk_leaves_the_registry_and_the_champion_as_they_were(trained, stage, directory):
+    """MLflow follows DVC: an output that cannot be written registers no version, logs no
+    evaluation and moves no alias."""
+    client = client_for(store_uri(trained))
+    registry = [(v.version, v.tags) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")]
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion").version
+    before = {**snapshot(trained), **eval_files(trained)}
+    with full_disk(trained / directory):
+        proc = run(stage_command(stage), trained, check=False)
+        assert proc.returncode == 1
+        assert error_line(proc).startswith(f"error: {directory}/") and "No space left on device" in error_line(proc)
+        now = {**snapshot(trained), **eval_files(trained)}
+        now.pop("filler", None)  # full_disk's own, in reports/eval
+        assert now == before
+    assert [(v.version, v.tags) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")] == registry
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion
+    assert_mlflow_follows_the_files(client, {md5_of(trained / "models/model.pt")})
+    expected = ["FAILED", "FINISHED"] if stage == "train" else ["FINISHED"]  # evaluate reopens no run
+    assert sorted(r.info.status for r in runs(trained)) == expected
 
 
 class WritesAFile:

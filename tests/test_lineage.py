@@ -2,6 +2,7 @@
 `fmnist-reproduce` on one shared project with real `dvc` runs: a plain repro, a clean experiment,
 one restored from the run-cache, and one made with uncommitted code."""
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -121,3 +122,27 @@ def test_a_commit_missing_from_the_team_remote_is_refused(project, tmp_path):
     commit = run_git(project, "rev-parse", "HEAD~1")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: the recorded commit {commit[:7]} is not in {remote}"]
+
+
+def test_the_champion_by_its_alias_reproduces_bit_for_bit(project):
+    md5 = lock_md5(project, "train", "models/model.pt")
+    proc = reproduce(project, "champion")
+    assert proc.returncode == 0, proc.stderr
+    first, *_, verdict = proc.stdout.strip().splitlines()
+    assert first.startswith(f"rebuilding {MODEL} version 1 from commit {run_git(project, 'rev-parse', 'HEAD~1')[:7]} ")
+    assert verdict.startswith(f"reproduced: {MODEL} version 1 is bit-identical (md5 {md5}), test_acc ")
+
+
+def test_a_rebuild_that_differs_from_the_record_is_not_reproduced_and_shows_both_md5s(project, tmp_path):
+    """Version 1 by its number, in a copy whose store records another md5 for its model (as if the
+    training had not been deterministic): the rebuild's bytes differ from the record, exit 1."""
+    copy = Path(shutil.copytree(project, tmp_path / "project", symlinks=True))
+    client = client_for(store_uri(copy))
+    recorded = "0" * 32
+    client.set_tag(client.get_model_version(MODEL, "1").run_id, "dvc.model_md5", recorded)
+    proc = reproduce(copy, "1")
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    rebuilt = lock_md5(project, "train", "models/model.pt")
+    assert line.startswith(f"error: not reproduced: {MODEL} version 1: rebuilt md5 {rebuilt}, recorded {recorded}; ")
+    assert " equal" in line  # the accuracy matches; the bytes do not
