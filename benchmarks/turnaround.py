@@ -143,6 +143,11 @@ bookkeeping included).
 
 Fixed rest, head against base: **{head_fixed / base_fixed:.2f}x** ({head_fixed:.1f} s against {base_fixed:.1f} s).
 """
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    text += f"""
+Load average at the end: {load} (1, 5, 15 min). The fixed rest relies on two idle cores: train and
+evaluate import torch in a forked child while they import MLflow, so a busy machine hides that gain.
+"""
     write_section(text, args.out)
     print(text)
 
