@@ -131,11 +131,12 @@ def params_differing(lineage: Lineage, project: Path | None = None) -> dict[str,
     at_commit = params_at(lineage.commit, project) if lineage.commit else None
     if at_commit is None or lineage.run is None:
         return None
-    # A run logs params.yaml's keys at its commit; any other key is MLflow's (a logged model's
-    # model_config, `classes`), not a param.
-    logged = {key: value for key, value in lineage.run.data.params.items() if key in at_commit}
-    differing = {key: value for key, value in logged.items() if logged_value(at_commit[key]) != value}
-    return {key: (value, logged_value(at_commit[key])) for key, value in sorted(differing.items())}
+    logged = lineage.run.data.params
+    return {
+        key: (value, logged_value(at_commit[key]) if key in at_commit else None)
+        for key, value in sorted(logged.items())
+        if key not in at_commit or logged_value(at_commit[key]) != value
+    }
 
 
 class Resolver:

@@ -85,8 +85,6 @@ def recorded_params(lineage: Lineage, committed: dict) -> dict:
     recorded |= {k: v for k, v in lineage.tags.items() if k.startswith("evaluate.")}
     for key, text in recorded.items():
         section, _, name = key.rpartition(".")
-        if (section or name) not in params:  # not a param: MLflow logs a model's model_config (`classes`) too
-            continue
         target = params.setdefault(section, {}) if section else params
         target[name] = json.loads(text) if text.startswith("[") else yaml.safe_load(text)
     return params
