@@ -67,6 +67,19 @@ def _best(client, name: str, current, version, test_acc: float):
     return candidates[best], accuracy[best]
 
 
+def _point_alias(client, name: str, version: str) -> None:
+    """Point the alias at `version`. Evaluations that make the first champion at once each insert
+    the alias; MLflow's store reads, then inserts, so it refuses all but one with a unique-key error.
+    The alias exists then, and the rule's next round reads it and moves it as a plain update."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException:
+        if current_champion(client, name) is None:
+            raise
+
+
 def consider_champion(client, version, test_acc: float) -> str:
     """The champion rule, for a version whose test accuracy is known (and tagged): the alias ends on
     the best evaluated version since the last choice by hand, or on the champion it has.
@@ -81,7 +94,7 @@ def consider_champion(client, version, test_acc: float) -> str:
         best, best_acc = _best(client, name, current, version, test_acc)
         if current is not None and str(current.version) == str(best.version):
             break
-        client.set_registered_model_alias(name, CHAMPION, best.version)
+        _point_alias(client, name, best.version)
         current = current_champion(client, name)
     mine = f"{name} version {version.version} (test_acc {test_acc:.4f})"
     if str(best.version) != str(version.version):
