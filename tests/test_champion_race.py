@@ -70,7 +70,7 @@ def test_concurrent_evaluations_leave_the_champion_on_the_best_version(server):
             for v, acc in versions.items()
         ]
         outputs = [proc.communicate(timeout=180) for proc in racers]
-        failed = [err[-2000:] for proc, (_, err) in zip(racers, outputs) if proc.returncode != 0]
+        failed = [err[-2000:] for proc, (_, err) in zip(racers, outputs, strict=True) if proc.returncode != 0]
         assert not failed, failed
         best_so_far = max(best_so_far, *accuracies)
         champion = client.get_model_version_by_alias(MODEL, "champion")
