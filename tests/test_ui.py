@@ -288,9 +288,10 @@ def test_the_models_tab_lists_the_logged_models_with_metric_columns_to_the_right
     _, url = ui
     open_runs(page, url)
     page.get_by_role("link", name="Models", exact=True).click()  # the experiment's sidebar
-    page.get_by_text("Source run").first.wait_for()
-    shown = headers(page)
     names = ["Model name", "Status", "Created", "Logged from", "Source run", "Registered models", "Dataset"]
+    for name in names:  # the grid draws its columns one after another
+        page.get_by_role("columnheader", name=name, exact=True).first.wait_for()
+    shown = headers(page)
     assert [name for name in shown if name in names] == names
     assert page.get_by_text("v1", exact=True).count() == 1 and page.get_by_text("v2", exact=True).count() == 1
     test_acc = page.get_by_role("columnheader", name="test_acc")
