@@ -18,19 +18,31 @@ from stages.data import load_split
 from stages.forked import Forked
 
 
-def compute_reports(args, params: Params, history: list[dict]) -> tuple[dict, dict[str, bytes]]:
-    """The torch half: (metrics, every report file by name). Runs in a process of its own."""
+def test_outcomes(args, params: Params):
+    """The torch half: the model's test-set loss, predicted classes and probabilities."""
     import torch
 
-    from stages import reports  # torch, scikit-learn and matplotlib, after determinism.apply
-    from stages.model import load_checkpoint
+    from stages.model import load_checkpoint, outcomes, predict
 
     determinism.threads(params.determinism)
     model, _ = load_checkpoint(args.model)
     images, labels = load_split(args.data, "test")
-    logits = reports.predict(model, torch.from_numpy(images), params.evaluate.batch_size)
-    labels = torch.from_numpy(labels).long()
-    return reports.report_files(history, logits, labels, images, params.evaluate.misclassified_grid)
+    logits = predict(model, torch.from_numpy(images), params.evaluate.batch_size)
+    return outcomes(logits, torch.from_numpy(labels).long())
+
+
+def compute_reports(args, params: Params, history: list[dict]) -> tuple[dict, dict[str, bytes]]:
+    """The reports half: (metrics, every report file by name). Runs in a process of its own, and
+    forks the torch half before it imports scikit-learn and matplotlib (~2 s), so the two imports
+    overlap."""
+    with Forked(test_outcomes, args, params) as torch_half:
+        from stages import reports
+
+        images, labels = load_split(args.data, "test")
+        test_loss, predicted, probabilities = torch_half.result()
+    return reports.report_files(
+        history, test_loss, labels, predicted, probabilities, images, params.evaluate.misclassified_grid
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as e:
         raise PipelineError(f"cannot read training outputs: {e}") from None
     determinism.apply(params.determinism)
-    # torch and the reports in a child, MLflow's import here: ~3 s each, side by side. The store is
+    # The reports in a child (and torch in its child), MLflow's import here: side by side. The store is
     # opened only once the reports are computed, so a bad model fails before any run is touched.
     with Forked(compute_reports, args, params, history) as reports:
         tracking.preload()

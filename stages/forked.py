@@ -59,7 +59,7 @@ class Forked:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the stage ended before the request took effect
             os._exit(1)
-        _channel.append(conn)
+        _channel[:] = [conn]  # a child's child talks to its own parent
         try:
             outcome = ("result", fn(*args))
         except PipelineError as e:

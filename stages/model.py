@@ -29,6 +29,21 @@ def to_inputs(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.to(torch.float32).div_(255)
 
 
+def predict(model, images_u8: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits for uint8 images, in batches."""
+    with torch.inference_mode():
+        return torch.cat(
+            [model(to_inputs(images_u8[i : i + batch_size])) for i in range(0, len(images_u8), batch_size)]
+        )
+
+
+def outcomes(logits: torch.Tensor, labels: torch.Tensor):
+    """(mean cross-entropy, predicted classes, class probabilities): what the reports need, as numpy,
+    so that they are drawn without torch."""
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
+    return loss, logits.argmax(1).cpu().numpy(), logits.softmax(1).cpu().numpy()
+
+
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,7 +1,6 @@
-"""The evaluation's work: test-set predictions, metrics, the scikit-learn report and the pictures.
-
-Imports torch, scikit-learn and matplotlib at the top: the evaluate stage imports this module only
-after determinism is applied."""
+"""The evaluation's reports: metrics, the scikit-learn report and the pictures, from the model's
+test-set outcomes (stages/model.py `outcomes`). Without torch: the evaluate stage imports
+scikit-learn and matplotlib here while another process computes the outcomes."""
 
 from __future__ import annotations
 
@@ -10,12 +9,10 @@ import io
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report
 
 from stages.data import CLASSES
 from stages.files import json_bytes
-from stages.model import to_inputs
 
 matplotlib.use("Agg")  # files only, no display: pyplot picks its backend at the first figure
 
@@ -28,23 +25,12 @@ CELL = 28 + CAPTION_HEIGHT  # square cells: 28 + 2 * CELL_MARGIN == CELL
 INCHES_PER_CELL = (1.6, 1.9)  # width, height: room for two caption lines
 
 
-def predict(model, images_u8, batch_size: int):
-    """Logits for uint8 images, in batches."""
-    with torch.inference_mode():
-        return torch.cat(
-            [model(to_inputs(images_u8[i : i + batch_size])) for i in range(0, len(images_u8), batch_size)]
-        )
-
-
-def compute_metrics(logits, labels) -> tuple[dict, dict, str]:
+def compute_metrics(test_loss: float, actual, predicted) -> tuple[dict, dict, str]:
     """(metrics for DVC, report as dict, report as text)."""
-    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item() / len(labels)
-    predicted = logits.argmax(1).cpu().numpy()
-    actual = labels.cpu().numpy()
     kwargs = dict(labels=list(range(len(CLASSES))), target_names=list(CLASSES), digits=4, zero_division=0)
     report = classification_report(actual, predicted, output_dict=True, **kwargs)
     text = classification_report(actual, predicted, **kwargs)
-    metrics = {"test_loss": loss, "test_acc": report["accuracy"]}
+    metrics = {"test_loss": test_loss, "test_acc": report["accuracy"]}
     for avg in ("macro", "weighted"):
         for name in ("precision", "recall", "f1-score"):
             metrics[f"{name.replace('-score', '')}_{avg}"] = report[f"{avg} avg"][name]
@@ -96,12 +82,11 @@ def draw_misclassified(images_u8, actual, predicted, probabilities, limit: int) 
     return _png(fig)
 
 
-def report_files(history: list[dict], logits, labels, images_u8, grid: int) -> tuple[dict, dict[str, bytes]]:
+def report_files(history, test_loss, labels, predicted, probabilities, images_u8, grid: int):
     """(metrics, every report file by name): the stage's outputs, as bytes."""
-    metrics, report, text = compute_metrics(logits, labels)
-    actual, predicted = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+    actual = np.asarray(labels, dtype=np.int64)
+    metrics, report, text = compute_metrics(test_loss, actual, predicted)
     confusion = [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(actual, predicted, strict=True)]
-    probabilities = logits.softmax(1).cpu().numpy()
     return metrics, {
         "metrics.json": json_bytes(metrics),
         "classification_report.txt": text.encode(),

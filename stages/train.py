@@ -32,6 +32,10 @@ def train_model(args, params: Params):
     data = training.load_datasets(args.data, params, device)
     tell_parent(verify_dir(args.data))  # after the shape and range checks, whose messages say more
     model = training.new_model(params, device)
+    # torch.optim imports torch._dynamo when it builds its first optimizer (~1.8 s): done here, the
+    # import overlaps the stage's opening of the run instead of following it.
+    import torch._dynamo  # noqa: F401
+
     wait_for_parent()  # the run is open
     history, kept_epoch = training.fit(
         model, data.train, data.eval, params, eval_name=data.eval_name,

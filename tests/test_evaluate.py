@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stages.data import CLASSES
-from stages.model import build_model
-from stages.reports import compute_metrics, predict, report_files
+from stages.model import build_model, outcomes, predict
+from stages.reports import compute_metrics, report_files
 from tests.helpers import synthetic_split
 
 
@@ -20,7 +20,8 @@ def logits_for(predicted: list[int], confidence: float = 4.0) -> torch.Tensor:
 def test_metrics_count_what_is_right():
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     predicted = [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]  # the last ankle boot taken for a T-shirt
-    metrics, report, text = compute_metrics(logits_for(predicted), labels)
+    loss, predicted_classes, _ = outcomes(logits_for(predicted), labels)
+    metrics, report, text = compute_metrics(loss, labels.numpy(), predicted_classes)
     assert metrics["test_acc"] == 0.9 == report["accuracy"]
     # Cross-entropy of a 4-logit margin over nine zeros, for the nine right; the wrong one sees 0 vs 4.
     right, wrong = math.log(math.exp(4) + 9) - 4, math.log(math.exp(4) + 9)
@@ -38,7 +39,8 @@ def test_metrics_count_what_is_right():
 def test_a_class_never_predicted_scores_zero_without_warnings():
     labels = torch.arange(10)
     with np.errstate(all="raise"):
-        metrics, report, _ = compute_metrics(logits_for([0] * 10), labels)
+        loss, predicted, _ = outcomes(logits_for([0] * 10), labels)
+        metrics, report, _ = compute_metrics(loss, labels.numpy(), predicted)
     assert metrics["test_acc"] == 0.1 and report["Trouser"]["precision"] == 0
 
 
@@ -48,7 +50,8 @@ def test_reports_are_every_output_and_agree_with_each_other():
     model = build_model(0.01)
     logits = predict(model, torch.from_numpy(images), batch_size=16)
     history = [{"epoch": 1, "train_loss": 2.0, "train_acc": 0.3, "test_acc": 0.4, "val_acc": None}]
-    metrics, outputs = report_files(history, logits, torch.from_numpy(labels).long(), images, grid=6)
+    loss, predicted, probabilities = outcomes(logits, torch.from_numpy(labels).long())
+    metrics, outputs = report_files(history, loss, labels, predicted, probabilities, images, grid=6)
     assert set(outputs) == {
         "metrics.json", "classification_report.txt", "classification_report.json", "confusion.json",
         "curves.png", "confusion.png", "misclassified.png",
@@ -61,4 +64,4 @@ def test_reports_are_every_output_and_agree_with_each_other():
     assert right / 60 == metrics["test_acc"]
     assert all(outputs[name].startswith(b"\x89PNG") for name in ("curves.png", "confusion.png", "misclassified.png"))
     # The same inputs draw the same bytes: DVC hashes the pictures.
-    assert report_files(history, logits, torch.from_numpy(labels).long(), images, grid=6)[1] == outputs
+    assert report_files(history, loss, labels, predicted, probabilities, images, grid=6)[1] == outputs
