@@ -18,7 +18,7 @@ from stages.data import load_split
 from stages.forked import Forked
 
 
-def test_outcomes(args, params: Params):
+def test_outcomes(args, params: Params, images, labels):
     """The torch half: the model's test-set loss, predicted classes and probabilities."""
     import torch
 
@@ -26,7 +26,6 @@ def test_outcomes(args, params: Params):
 
     determinism.threads(params.determinism)
     model, _ = load_checkpoint(args.model)
-    images, labels = load_split(args.data, "test")
     logits = predict(model, torch.from_numpy(images), params.evaluate.batch_size)
     return outcomes(logits, torch.from_numpy(labels).long())
 
@@ -35,10 +34,10 @@ def compute_reports(args, params: Params, history: list[dict]) -> tuple[dict, di
     """The reports half: (metrics, every report file by name). Runs in a process of its own, and
     forks the torch half before it imports scikit-learn and matplotlib (~2 s), so the two imports
     overlap."""
-    with Forked(test_outcomes, args, params) as torch_half:
+    images, labels = load_split(args.data, "test")  # read once: the torch half gets it by the fork
+    with Forked(test_outcomes, args, params, images, labels) as torch_half:
         from stages import reports
 
-        images, labels = load_split(args.data, "test")
         test_loss, predicted, probabilities = torch_half.result()
     return reports.report_files(
         history, test_loss, labels, predicted, probabilities, images, params.evaluate.misclassified_grid

@@ -67,16 +67,17 @@ def _best(client, name: str, current, version, test_acc: float):
     return candidates[best], accuracy[best]
 
 
-def _point_alias(client, name: str, version: str) -> None:
-    """Point the alias at `version`. Evaluations that make the first champion at once each insert
-    the alias; MLflow's store reads, then inserts, so it refuses all but one with a unique-key error.
-    The alias exists then, and the rule's next round reads it and moves it as a plain update."""
+def _point_alias(client, name: str, version: str, current) -> None:
+    """Point the alias, now on `current` (None: no champion yet), at `version`. Evaluations that make
+    the first champion at once each insert the alias; MLflow's store reads, then inserts, so it
+    refuses all but one with a unique-key error. The alias exists then, and the rule's next round
+    reads it and moves it as a plain update. Any other failure is raised."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.set_registered_model_alias(name, CHAMPION, version)
     except MlflowException:
-        if current_champion(client, name) is None:
+        if current is not None or current_champion(client, name) is None:
             raise
 
 
@@ -94,7 +95,7 @@ def consider_champion(client, version, test_acc: float) -> str:
         best, best_acc = _best(client, name, current, version, test_acc)
         if current is not None and str(current.version) == str(best.version):
             break
-        _point_alias(client, name, best.version)
+        _point_alias(client, name, best.version, current)
         current = current_champion(client, name)
     mine = f"{name} version {version.version} (test_acc {test_acc:.4f})"
     if str(best.version) != str(version.version):
