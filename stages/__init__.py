@@ -89,6 +89,14 @@ def _term_when_gone(pid: int) -> None:
     threading.Thread(target=wait, name="stop-with-dvc", daemon=True).start()
 
 
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send this process `signum` when its parent ends (Linux's PR_SET_PDEATHSIG;
+    elsewhere nothing). Safe in a `preexec_fn`: no allocation beyond the libc handle."""
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
 def _stop_with_parent() -> None:
     """Record Ctrl-C and SIGTERM from now on, and get SIGTERM when `dvc` (our starter) dies.
 
@@ -102,8 +110,7 @@ def _stop_with_parent() -> None:
     parent = _parent[0] = os.getppid()
     if sys.platform != "linux":
         return
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    die_with_parent(signal.SIGTERM)
     if parent == 1 or os.getppid() != parent:  # the parent died before the request took effect
         _record(signal.SIGTERM, None)
         return

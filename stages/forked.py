@@ -15,14 +15,13 @@ out of `with Forked(...)`), so it never outlives it and never publishes anything
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection, Pipe
 
-from stages import Interrupted, PipelineError, check_interrupt
+from stages import Interrupted, PipelineError, check_interrupt, die_with_parent
 
 _channel: list[Connection] = []  # in the child: its end of the pipe
 
@@ -54,9 +53,7 @@ class Forked:
 
     @staticmethod
     def _run_child(parent: int, conn: Connection, fn, args) -> None:
-        if sys.platform == "linux":
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent(signal.SIGKILL)
         if os.getppid() != parent:  # the stage ended before the request took effect
             os._exit(1)
         _channel[:] = [conn]  # a child's child talks to its own parent

@@ -17,7 +17,7 @@ Two ways to publish:
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import json
 import os
 import shutil
@@ -30,7 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+from stages import die_with_parent
+
 STARTED_TOPIC = "fmnist-sweep-point-started"  # a Dask event each time a worker starts a point
 SWEEP_ENV, TRIAL_ENV = "FMNIST_SWEEP", "FMNIST_TRIAL"  # read by the tracking tags
 
@@ -61,10 +62,6 @@ class Result:
 # --- in the Dask worker -------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def run_point(point: Point) -> Result:
     """The Dask task: run the point in a child process and return what it reports."""
     from distributed import get_worker
@@ -80,7 +77,7 @@ def run_point(point: Point) -> Result:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=tempfile.gettempdir(),  # import the installed project, not a clone's copy
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
             start_new_session=True,  # Ctrl-C at the sweep's terminal reaches it only through the sweep
         )
         child.communicate(json.dumps(asdict(point)))

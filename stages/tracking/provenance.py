@@ -7,22 +7,19 @@ from __future__ import annotations
 import getpass
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from stages import CODE_ROOT
+from stages.git import git_or_none
 
 HOST_TAG, PID_TAG = "process.host", "process.pid"
 
 
 def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=CODE_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
+    """git's answer in this checkout, or "" where there is none (no git, not a repo): tags stay optional."""
+    return git_or_none(*args, cwd=CODE_ROOT, timeout=10) or ""
 
 
 def dvc_outputs(project: Path = CODE_ROOT) -> list[str]:
