@@ -9,8 +9,17 @@ from tests.helpers import DVC, REAL_DATA, lock_md5, make_project, ran, restored,
 pytestmark = pytest.mark.slow
 
 
-def test_repro_experiment_and_nothing_to_do(tiny_project):
-    first = run([DVC, "repro"], tiny_project).stdout
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, tiny_source):
+    """One project through `dvc repro`, shared by the tests that go on from there with experiments
+    (each leaves the workspace as `dvc exp run` does: up to date with its own params)."""
+    source, sums = tiny_source
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "project", shrunk_params(source), sums)
+    return project, run([DVC, "repro"], project).stdout
+
+
+def test_repro_experiment_and_nothing_to_do(reproduced):
+    tiny_project, first = reproduced
     assert ran(first) == {"check_params", "download", "train", "evaluate"}
     metrics = json.loads((tiny_project / "reports/eval/metrics.json").read_text())
     assert {"test_loss", "test_acc", "f1_macro", "f1_weighted", "precision_macro", "recall_weighted"} <= set(metrics)
@@ -40,8 +49,8 @@ def test_repro_experiment_and_nothing_to_do(tiny_project):
     # Training again with the same params leaves dvc.lock as it was: test_determinism's contract test.
 
 
-def test_each_key_reruns_only_what_reads_it(tiny_project):
-    run([DVC, "repro"], tiny_project)
+def test_each_key_reruns_only_what_reads_it(reproduced):
+    tiny_project, _ = reproduced
     evaluation_only = run([DVC, "exp", "run", "-S", "evaluate.misclassified_grid=6"], tiny_project).stdout
     assert ran(evaluation_only) == {"check_params", "evaluate"}
     # A data-source key reruns download; the same bytes come out, so nothing downstream reruns.
@@ -68,7 +77,8 @@ def test_real_fashion_mnist_one_epoch(tmp_path):
     assert metrics["test_acc"] == pytest.approx(history[0]["test_acc"])
 
 
-def test_early_stopping_experiment_keeps_its_best_epoch_and_plots(tiny_project):
+def test_early_stopping_experiment_keeps_its_best_epoch_and_plots(reproduced):
+    tiny_project, _ = reproduced
     overrides = ["val_size=100", "patience=2", "num_epochs=40", "lr=3"]
     run([DVC, "exp", "run", *[arg for o in overrides for arg in ("-S", o)]], tiny_project)
     info = json.loads((tiny_project / "reports/train/run.json").read_text())
