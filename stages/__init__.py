@@ -91,7 +91,7 @@ def _term_when_gone(pid: int) -> None:
 
 def die_with_parent(signum: int) -> None:
     """Have the kernel send this process `signum` when its parent ends (Linux's PR_SET_PDEATHSIG;
-    elsewhere nothing). Safe in a `preexec_fn`: no allocation beyond the libc handle."""
+    elsewhere nothing). Also a child's `preexec_fn`, so that the request is made before it execs."""
     if sys.platform == "linux":
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
