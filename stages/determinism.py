@@ -7,13 +7,15 @@ counts, measured on torch 2.14.1 (MKL 2024.2, oneDNN 3.12):
 - torch's own vector kernels (`ATEN_CPU_CAPABILITY=default`) and oneDNN's (`ONEDNN_MAX_CPU_ISA`):
   e.g. `normal_` (the weight init) has an AVX2 variant that rounds differently;
 - a fixed thread count, the same on every machine whatever its cores, with MKL's dynamic threading
-  off: CNR's documented condition. Two, because the matrix products are most of an epoch and two
-  threads run them 1.6-2.3x faster than one, while giving the very bytes one thread gives (so the
-  committed dvc.lock, made with one, still holds); four threads split the products otherwise and
-  differ. A one-core machine runs both threads on its core: slower, the same bytes. The threads
-  wait passively (`OMP_WAIT_POLICY`, no effect on results): spinning, two threads that share
-  their cores with other work (a sweep's points, a busy machine) ran a product 3-7x slower than
-  one thread, passive ones as fast or faster.
+  off: CNR's documented condition (four threads split the products otherwise and differ). One,
+  because inside a stage two threads lose: the stage's own process works beside them (torch's
+  import, MLflow's logging of each epoch), and on a 2-core machine two threads that wait for each
+  other at every product ran the epochs no faster and up to 2.9x slower than one
+  (benchmarks/RESULTS.md, "Portable on one thread"), though their matrix products alone run
+  1.6-2.3x faster. One thread per point is also what lets a sweep's points share a machine's
+  cores. Two threads give the very bytes one gives (the committed dvc.lock held with either).
+  OpenMP is told to wait passively (`OMP_WAIT_POLICY`, no effect on results) should a library
+  start threads of its own anyway: they never spin on a core another process needs.
 Each switch alone leaves some difference, so they are set together, overriding the environment.
 `fast` leaves the machine's defaults: byte-identical reruns on the same machine and thread count.
 """
@@ -25,7 +27,7 @@ import sys
 
 from stages import PipelineError
 
-PORTABLE_THREADS = 2
+PORTABLE_THREADS = 1
 PORTABLE_ENV = {
     "MKL_CBWR": "COMPATIBLE",
     "MKL_DYNAMIC": "FALSE",
