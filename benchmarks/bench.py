@@ -292,6 +292,10 @@ def write_section(path: Path, text: str) -> None:
     path.write_text("\n".join(part.rstrip() + "\n" for part in (head, text, *others)))
 
 
+def n_threads(count: int, word: str = "thread") -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="rounds of the two modes' epoch processes (default 5)")
@@ -338,21 +342,21 @@ def main() -> None:
     ratio = med["portable"] / med["fast"]
     rows = [
         ("**Train epoch, ours, `determinism: portable` (the default)**", spread(epochs["portable"], 1000, " ms"),
-         f"{threads['portable']} threads (fixed, whatever the cores); "
+         f"{n_threads(threads['portable'])} (fixed, whatever the cores); "
          f"**{ratio:.2f}x fast** (goal ≤ 1.25: {ok(ratio <= 1.25) if not busy else 'not judged, busy machine'})"),
         ("Train epoch, ours, `determinism: fast`", spread(epochs["fast"], 1000, " ms"),
-         f"{threads['fast']} threads (the machine's default)"),
+         f"{n_threads(threads['fast'])} (the machine's default)"),
         ("Lower bound for an epoch on this machine", f"{bound_s * 1000:.1f} ms",
          f"portable = {med['portable'] / bound_s:.1f}x it, fast = {med['fast'] / bound_s:.1f}x it"),
         ("… memory: bytes an epoch must read / best bandwidth", f"{bound['bytes'] / bound['bandwidth'] * 1000:.1f} ms",
          f"{bound['bytes'] / 1e6:.0f} MB (inputs as float32, labels) at {bound['bandwidth'] / 1e9:.1f} GB/s "
-         f"(read {bound['read_bw'] / 1e9:.1f}, copy {bound['copy_bw'] / 1e9:.1f}; {bound['threads']} threads)"),
+         f"(read {bound['read_bw'] / 1e9:.1f}, copy {bound['copy_bw'] / 1e9:.1f}; {n_threads(bound['threads'])})"),
         ("… arithmetic: the epoch's flops / large-GEMM rate",
          f"{bound['flops'] / bound['gemm_flops_per_s'] * 1000:.1f} ms",
          f"{bound['flops'] / 1e9:.2f} GFLOP (X·Wᵀ and Gᵀ·X) at {bound['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s "
-         f"(2048² sgemm, {bound['threads']} threads)"),
+         f"(2048² sgemm, {n_threads(bound['threads'])})"),
         ("Train epoch, the book's script (DataLoader, 4 workers)", spread(book["epochs"], 1000, " ms"),
-         f"{book['threads']} torch threads; ours is {book_med / med['portable']:.0f}x faster portable, "
+         f"{n_threads(book['threads'], 'torch thread')}; ours is {book_med / med['portable']:.0f}x faster portable, "
          f"{book_med / med['fast']:.0f}x fast"),
         (f"The book's script, {args.book_epochs} epochs + test accuracy (process)", spread(book["wall"], 1, " s"), ""),
         ("Same model bytes as the plainest loop (portable)", "yes" if same else "NO", ""),
@@ -367,7 +371,8 @@ def main() -> None:
     table += "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
     options = " --quick" if args.quick else f" --reps {args.reps} --epochs {args.epochs}"
     command = "python -m benchmarks.bench" + options
-    profile = f"| part of the epoch | portable, {threads['portable']} threads | fast, {threads['fast']} threads |\n"
+    portable, fast = n_threads(threads["portable"]), n_threads(threads["fast"])
+    profile = f"| part of the epoch | portable, {portable} | fast, {fast} |\n"
     profile += "| --- | --- | --- |\n" + "".join(
         f"| {name} | {parts['portable'][name] * 1000:.0f} ms | {parts['fast'][name] * 1000:.0f} ms |\n"
         for name in parts["portable"]
@@ -376,7 +381,7 @@ def main() -> None:
     warning = (
         f"**The machine was busy (load average up to {peak:.1f} on {os.cpu_count()} cores): every time is "
         "too long, the lower bound's too (its bandwidth and GEMM rate were measured low, so it may not bound), "
-        "and the ratio between the modes depends on the load (fast's threads spin-wait, portable's sleep). "
+        "and the ratio between the modes depends on the load (fast's threads spin-wait; portable runs one). "
         "Rerun on an idle machine.**\n\n"
         if busy
         else ""

@@ -145,7 +145,7 @@ is shared with other jobs, so the figures are upper bounds on the times (lower b
 | --- | --- | --- |
 {table}
 
-On paper: a point is CPU-bound (portable determinism's two threads) and shares nothing with other
+On paper: a point is CPU-bound (portable determinism's one thread) and shares nothing with other
 points but the git remote, DVC remote and tracking server, each touched for a second or two per
 point. So N machines of c cores, one `dask worker --nthreads 1` per core, run about N·c points at a
 time: N·c·{per_hour:.0f} points an hour at this point's {point_s:.0f} s, less the per-point fixed cost
