@@ -31,6 +31,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchmarks.host import Others, cpu_probe, load
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Experiment turnaround"
@@ -104,16 +106,6 @@ def timed_experiment(project: Path, env: dict, stand_in: bool = False) -> dict:
     return {"wall": wall, "compute": compute, "fixed": wall - compute, **{f"stage {k}": v for k, v in stages.items()}}
 
 
-def cpu_probe() -> float:
-    """Seconds for a fixed pure-Python loop: how fast this machine is right now, so that runs made
-    at other times (a shared host slows and speeds up) can be told apart."""
-    start = time.perf_counter()
-    total = 0
-    for i in range(10_000_000):
-        total += i
-    return time.perf_counter() - start
-
-
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
@@ -163,13 +155,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"cloning {commit} and running dvc repro once", file=sys.stderr)
             projects[key] = clone(commit, Path(tmp) / key, args.data, env)
         projects["floor"] = floor_clone(clone(commits["head"], Path(tmp) / "floor", args.data, env), env)
-        for rep in range(args.reps):
-            order = ("base", "head", "floor") if rep % 2 == 0 else ("floor", "head", "base")  # interleaved
-            for key in order:
-                result = timed_experiment(projects[key], env, stand_in=key == "floor")
-                results[key].append(result)
-                shown = f"wall {result['wall']:.1f} s, compute {result['compute']:.1f} s"
-                print(f"rep {rep + 1} {key}: {shown}", file=sys.stderr)
+        with Others() as others:
+            for rep in range(args.reps):
+                order = ("base", "head", "floor") if rep % 2 == 0 else ("floor", "head", "base")  # interleaved
+                for key in order:
+                    result = timed_experiment(projects[key], env, stand_in=key == "floor")
+                    results[key].append(result)
+                    shown = f"wall {result['wall']:.1f} s, compute {result['compute']:.1f} s"
+                    print(f"rep {rep + 1} {key}: {shown}", file=sys.stderr)
     probes.append(cpu_probe())
     base_fixed = statistics.median(r["fixed"] for r in results["base"])
     head_fixed = statistics.median(r["fixed"] for r in results["head"])
@@ -195,11 +188,11 @@ tracked stage is a fresh Python process that logs to MLflow, the fixed rest cann
 the base is {base_fixed / 2:.1f} s); the head's {head_fixed - floor:.1f} s over the floor are torch's import, the data,
 the model's logging and the reports, mostly beside the MLflow import already.
 """
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text += f"""
-Load average at the end: {load} (1, 5, 15 min); CPU probe (10 million additions in Python):
-{probes[0]:.2f} s at the start, {probes[1]:.2f} s at the end. The fixed rest relies on two idle cores: train and
-evaluate import torch in a forked child while they import MLflow, so a busy machine hides that gain.
+Load average at the end: {load()} (1, 5, 15 min); CPU probe (10 million additions in Python):
+{probes[0]:.2f} s at the start, {probes[1]:.2f} s at the end; while the experiments ran: {others}.
+The fixed rest relies on two idle cores: train and evaluate import torch in a forked child while
+they import MLflow, so a busy machine hides that gain.
 """
     write_section(text, args.out)
     print(text)
