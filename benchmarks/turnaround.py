@@ -14,6 +14,11 @@ benchmarks/RESULTS.md (other sections are left as they are).
 A third clone, the floor, is the head with train's and evaluate's commands replaced by a stand-in
 that imports MLflow, opens the store and copies the stage's outputs from the real run: what the
 same experiment costs when its stages do nothing else, dvc's own bookkeeping included.
+
+Last, in the head's clone, each tracked stage runs alone, alternately as dvc runs it (a fresh
+process) and warm: its main() in a process that imported torch, MLflow with its SQL store, scikit-learn
+and matplotlib beforehand. Their difference is what a process that stayed resident between stages,
+or between experiments, would save; no such process is built, and its own hand-over is not counted.
 """
 
 from __future__ import annotations
@@ -82,6 +87,46 @@ def floor_clone(project: Path, env: dict) -> Path:
     run(["git", "-c", "user.name=benchmark", "-c", "user.email=benchmark@localhost", "commit", "--quiet", "-am",
          "floor: stand-in stages"], project, env)  # fmt: skip
     return project
+
+
+# A warm stage: the modules a resident process would hold are imported first (with portable's
+# settings applied before torch, as the stage itself does), then only main() is timed.
+WARM = """
+import json, sys, time
+from stages import config, determinism
+determinism.apply(config.load_params().determinism)
+import matplotlib.pyplot, sklearn.metrics, torch, torch._dynamo, torch.optim  # noqa
+from stages import evaluate, reports, run_stage, tracking, train, training  # noqa
+tracking.preload()
+determinism.apply = lambda mode: None  # applied above, before torch: the check would refuse a second call
+stage, result, *args = sys.argv[1:]
+stage = {"train": train, "evaluate": evaluate}[stage]
+sys.argv = [stage.__file__, *args]
+start = time.perf_counter()
+run_stage(stage.main)
+open(result, "w").write(json.dumps(time.perf_counter() - start))
+"""
+
+
+def warm_and_cold(project: Path, env: dict, reps: int) -> dict[str, dict[str, list[float]]]:
+    """Each tracked stage alone in the head's clone: a fresh process's wall, and main() when warm."""
+    import shlex
+
+    import yaml
+
+    pipeline = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    times: dict[str, dict[str, list[float]]] = {}
+    for stage in ("train", "evaluate"):
+        argv = shlex.split(pipeline[stage]["cmd"])[3:]  # after `python -m stages.<stage>`
+        times[stage] = {"cold": [], "warm": []}
+        for _ in range(reps):
+            start = time.perf_counter()
+            run([sys.executable, "-m", f"stages.{stage}", *argv], project, env)
+            times[stage]["cold"].append(time.perf_counter() - start)
+            result = project.parent / "warm-seconds"
+            run([sys.executable, "-c", WARM, stage, str(result), *argv], project, env)
+            times[stage]["warm"].append(float(result.read_text()))
+    return times
 
 
 def timed_experiment(project: Path, env: dict, stand_in: bool = False) -> dict:
@@ -163,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
                     results[key].append(result)
                     shown = f"wall {result['wall']:.1f} s, compute {result['compute']:.1f} s"
                     print(f"rep {rep + 1} {key}: {shown}", file=sys.stderr)
+        print("each tracked stage alone, fresh and warm", file=sys.stderr)
+        stage_times = warm_and_cold(projects["head"], env, args.reps)
     probes.append(cpu_probe())
     base_fixed = statistics.median(r["fixed"] for r in results["base"])
     head_fixed = statistics.median(r["fixed"] for r in results["head"])
@@ -175,6 +222,13 @@ def main(argv: list[str] | None = None) -> None:
         else f"Half the base is {half:.1f} s, {half - floor:.1f} s over the floor: the goal of 0.5x leaves the head "
         f"that much for its own work"
     )
+    saved = {stage: statistics.median(t["cold"]) - statistics.median(t["warm"]) for stage, t in stage_times.items()}
+    warm_rows = "\n".join(
+        f"| {stage} | {spread(t['cold'])} | {spread(t['warm'])} | {saved[stage]:.1f} |"
+        for stage, t in stage_times.items()
+    )
+    between_stages = head_fixed - saved["evaluate"]
+    across_experiments = head_fixed - saved["evaluate"] - saved["train"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
     text = f"""{SECTION}
@@ -194,6 +248,20 @@ and one MLflow import and store open in each of the two tracked stages, with no 
 tracked stage is a fresh Python process that logs to MLflow, the fixed rest cannot go below it.
 {reach}; the head's {head_fixed - floor:.1f} s over the floor are torch's import, the data, the model's logging
 and the reports, mostly beside the MLflow import already.
+
+Each tracked stage alone in the head's clone, {args.reps} time(s) each, alternately as dvc runs it (a fresh
+process) and warm (its main() in a process that had imported torch, MLflow with its SQL store,
+scikit-learn and matplotlib beforehand):
+
+| stage | fresh process | warm main() | saved |
+| --- | --- | --- | --- |
+{warm_rows}
+
+A process that stayed resident with those modules would save that much, less its own hand-over
+(not built, not measured). Between the stages of one experiment it could serve evaluate only (its
+imports overlap train's epochs; train's cannot hide before train): fixed rest about
+{between_stages:.1f} s, **{between_stages / base_fixed:.2f}x** the base. Kept from one experiment to the
+next, it could serve both: about {across_experiments:.1f} s, {across_experiments / base_fixed:.2f}x.
 """
     text += f"""
 Load average at the end: {load()} (1, 5, 15 min); CPU probe (10 million additions in Python):
