@@ -24,6 +24,7 @@ or between experiments, would save; no such process is built, and its own hand-o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -93,6 +94,7 @@ def floor_clone(project: Path, env: dict) -> Path:
 # settings applied before torch, as the stage itself does), then only main() is timed.
 WARM = """
 import json, sys, time
+loading = time.perf_counter()
 from stages import config, determinism
 determinism.apply(config.load_params().determinism)
 import matplotlib.pyplot, sklearn.metrics, torch, torch._dynamo, torch.optim  # noqa
@@ -104,7 +106,7 @@ stage = {"train": train, "evaluate": evaluate}[stage]
 sys.argv = [stage.__file__, *args]
 start = time.perf_counter()
 run_stage(stage.main)
-open(result, "w").write(json.dumps(time.perf_counter() - start))
+open(result, "w").write(json.dumps({"imports": start - loading, "main": time.perf_counter() - start}))
 """
 
 
@@ -118,14 +120,16 @@ def warm_and_cold(project: Path, env: dict, reps: int) -> dict[str, dict[str, li
     times: dict[str, dict[str, list[float]]] = {}
     for stage in ("train", "evaluate"):
         argv = shlex.split(pipeline[stage]["cmd"])[3:]  # after `python -m stages.<stage>`
-        times[stage] = {"cold": [], "warm": []}
+        times[stage] = {"cold": [], "warm": [], "imports": []}
         for _ in range(reps):
             start = time.perf_counter()
             run([sys.executable, "-m", f"stages.{stage}", *argv], project, env)
             times[stage]["cold"].append(time.perf_counter() - start)
             result = project.parent / "warm-seconds"
             run([sys.executable, "-c", WARM, stage, str(result), *argv], project, env)
-            times[stage]["warm"].append(float(result.read_text()))
+            warm = json.loads(result.read_text())
+            times[stage]["warm"].append(warm["main"])
+            times[stage]["imports"].append(warm["imports"])
     return times
 
 
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         f"| {stage} | {spread(t['cold'])} | {spread(t['warm'])} | {saved[stage]:.1f} |"
         for stage, t in stage_times.items()
     )
+    imports = statistics.median([seconds for t in stage_times.values() for seconds in t["imports"]])
+    epochs = statistics.median(r["compute"] for r in results["head"])
     between_stages = head_fixed - saved["evaluate"]
     across_experiments = head_fixed - saved["evaluate"] - saved["train"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -258,10 +264,13 @@ scikit-learn and matplotlib beforehand):
 {warm_rows}
 
 A process that stayed resident with those modules would save that much, less its own hand-over
-(not built, not measured). Between the stages of one experiment it could serve evaluate only (its
-imports overlap train's epochs; train's cannot hide before train): fixed rest about
-{between_stages:.1f} s, **{between_stages / base_fixed:.2f}x** the base. Kept from one experiment to the
-next, it could serve both: about {across_experiments:.1f} s, {across_experiments / base_fixed:.2f}x.
+(not built, not measured). Its imports took {imports:.1f} s of one core here (median over both stages'
+warm runs), and they have to happen somewhere:
+- kept from one experiment to the next, such a process pays them once and could serve both stages:
+  fixed rest about {across_experiments:.1f} s, **{across_experiments / base_fixed:.2f}x** the base;
+- started afresh for each experiment, it can serve evaluate only, and only if its imports fit beside
+  train's epochs ({epochs:.1f} s here) on the core that training leaves: at best about {between_stages:.1f} s,
+  {between_stages / base_fixed:.2f}x, and less where the epochs are shorter than the imports.
 """
     text += f"""
 Load average at the end: {load()} (1, 5, 15 min); CPU probe (10 million additions in Python):
