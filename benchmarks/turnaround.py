@@ -270,7 +270,7 @@ warm runs), and they have to happen somewhere:
   fixed rest about {across_experiments:.1f} s, **{across_experiments / base_fixed:.2f}x** the base;
 - started afresh for each experiment, it can serve evaluate only, and only if its imports fit beside
   train's epochs ({epochs:.1f} s here) on the core that training leaves: at best about {between_stages:.1f} s,
-  {between_stages / base_fixed:.2f}x, and less where the epochs are shorter than the imports.
+  {between_stages / base_fixed:.2f}x, and it saves less where the epochs are shorter than its imports.
 """
     text += f"""
 Load average at the end: {load()} (1, 5, 15 min); CPU probe (10 million additions in Python):
