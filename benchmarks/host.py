@@ -1,6 +1,6 @@
 """How fast and how busy this machine is while a benchmark runs, so that a figure can say so.
 
-A shared host slows down and speeds up (the same suite ran in 18 to 28 min on one day here), and
+A shared host slows down and speeds up (the same suite ran in 17 to 28 min on one day here), and
 the load average cannot tell another tenant from the benchmark's own processes. So a benchmark
 times a fixed loop at its start and end (`cpu_probe`), and counts the CPU time that processes other
 than its own used while it measured, and the time the hypervisor gave to other machines (`Others`).
