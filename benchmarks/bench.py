@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.host import Others, cpu_probe, load
+from benchmarks.results import RESULTS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "fashion-mnist"
@@ -282,14 +283,6 @@ def machine() -> str:
     )
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md; the sections other scripts write stay as they are."""
-    current = path.read_text() if path.exists() else ""
-    others = [s for s in re.split(r"(?m)^(?=## )", current)[1:] if not s.startswith(SECTION)]
-    head = "# Benchmark results\n\nEach section is written by the script it names, on the machine and date it gives.\n"
-    path.write_text("\n".join(part.rstrip() + "\n" for part in (head, text, *others)))
-
-
 def n_threads(count: int, word: str = "thread") -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -301,7 +294,7 @@ def main() -> None:
     parser.add_argument("--book-runs", type=int, default=3, help="runs of the book's script (default 3)")
     parser.add_argument("--book-epochs", type=int, default=10, help="epochs per run of the book's script (default 10)")
     parser.add_argument("--quick", action="store_true", help="one round of everything, 2 epochs each: a smoke run")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -399,7 +392,7 @@ def main() -> None:
         "Where an epoch's time goes (`torch.profiler`, self CPU time; each mode's least disturbed round):\n\n"
         f"{profile}"
     )
-    write_section(args.out, text)
+    write_section(text, args.out)
     print(text)
 
 

@@ -25,6 +25,12 @@ def cpu_probe() -> float:
     return time.perf_counter() - start
 
 
+def cpu_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.host import Others, cpu_probe, load
+from benchmarks.results import RESULTS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,7 +105,7 @@ def sweep(project: Path, workers: int, *settings: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     load_before, probe_before = load(), cpu_probe()
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
@@ -153,14 +154,7 @@ point. So N machines of c cores, one `dask worker --nthreads 1` per core, run ab
 time: N·c·{per_hour:.0f} points an hour at this point's {point_s:.0f} s, less the per-point fixed cost
 ({fixed_s:.0f} s) that no extra machine removes, and with the data pulled once per machine.
 """
-    current = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
-    if SECTION in current:
-        before, _, rest = current.partition(SECTION)
-        after = rest[rest.find("\n## ") :] if "\n## " in rest else ""
-        current = before.rstrip() + "\n\n" + text + after
-    else:
-        current = current.rstrip() + "\n\n" + text
-    args.out.write_text(current)
+    write_section(text, args.out)
     print(text)
 
 

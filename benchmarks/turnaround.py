@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.host import Others, cpu_probe, load
+from benchmarks.results import RESULTS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Experiment turnaround"
 COMMAND = ["dvc", "exp", "run", "-S", "lr=0.05"]
 STAGE_LINE = re.compile(r"^(?:Running stage|Stage) '(\w+)'")
@@ -168,14 +168,6 @@ def table(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
         cells = [spread([r.get(c, 0.0) for r in reps]) for c in columns]
         rows.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md; the other sections stay."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -127,6 +127,22 @@ if sys.argv[:1] == ["-m"]:
     _stop_with_parent()
 
 
+@contextlib.contextmanager
+def importing():
+    """Around a stage's heavy imports (torch, MLflow, scikit-learn, matplotlib). As modules load,
+    Python's garbage collector walks every object loaded so far, again and again (benchmarks/RESULTS.md,
+    "Imports"). Off meanwhile; then what loaded is frozen, so later collections skip it, here and in
+    the processes this one forks (which would otherwise copy every page they touch)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def check_interrupt() -> None:
     """Raise `Interrupted` if Ctrl-C or SIGTERM arrived; call it where stopping leaves no mess."""
     if _received:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages import ArgumentParser, PipelineError, check_interrupt, determinism, files, run_stage, tracking
+from stages import ArgumentParser, PipelineError, check_interrupt, determinism, files, importing, run_stage, tracking
 from stages.config import Params, load_params
 from stages.data import load_split
 from stages.forked import Forked
@@ -20,9 +20,10 @@ from stages.forked import Forked
 
 def test_outcomes(args, params: Params, images, labels):
     """The torch half: the model's test-set loss, predicted classes and probabilities."""
-    import torch
+    with importing():
+        import torch
 
-    from stages.model import load_checkpoint, outcomes, predict
+        from stages.model import load_checkpoint, outcomes, predict
 
     determinism.threads(params.determinism)
     model, _ = load_checkpoint(args.model)
@@ -36,7 +37,8 @@ def compute_reports(args, params: Params, history: list[dict]) -> tuple[dict, di
     overlap."""
     images, labels = load_split(args.data, "test")  # read once: the torch half gets it by the fork
     with Forked(test_outcomes, args, params, images, labels) as torch_half:
-        from stages import reports
+        with importing():
+            from stages import reports
 
         test_loss, predicted, probabilities = torch_half.result()
     return reports.report_files(

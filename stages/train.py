@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import ArgumentParser, check_interrupt, determinism, files, run_stage, tracking
+from stages import ArgumentParser, check_interrupt, determinism, files, importing, run_stage, tracking
 from stages.config import Params, load_params
 from stages.data import verify_dir
 from stages.forked import Forked, tell_parent, wait_for_parent
@@ -24,8 +24,9 @@ def train_model(args, params: Params):
     """The torch half: data, model, epochs. Runs in a process of its own (stages/forked.py): it
     tells the stage the data's SHA-256 once the data passed its checks, waits until the MLflow run
     is open, tells each epoch's history row as it ends, and returns what the stage publishes."""
-    from stages import training  # torch, after determinism.apply
-    from stages.model import checkpoint_bytes
+    with importing():
+        from stages import training  # torch, after determinism.apply
+        from stages.model import checkpoint_bytes
 
     determinism.threads(params.determinism)
     device = training.device_for(params.device)
@@ -34,7 +35,8 @@ def train_model(args, params: Params):
     model = training.new_model(params, device)
     # torch.optim imports torch._dynamo when it builds its first optimizer (~1.8 s): done here, the
     # import overlaps the stage's opening of the run instead of following it.
-    import torch._dynamo  # noqa: F401
+    with importing():
+        import torch._dynamo  # noqa: F401
 
     wait_for_parent()  # the run is open
     history, kept_epoch = training.fit(
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         with tracking.training_run(params, data_sha256=data_sha256) as run:
             training.send("train")
             # MLflow runs stages/served_model.py (torch) to check the logged model: loaded while the child trains.
-            import torch  # noqa: F401
+            with importing():
+                import torch  # noqa: F401
 
             with files.Outputs() as out:
                 for row, ended_ms in training.messages():

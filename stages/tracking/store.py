@@ -15,7 +15,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import PipelineError, project_root
+from stages import PipelineError, importing, project_root
 
 # Offline by default, and fail fast: MLflow's HTTP client otherwise retries for minutes.
 _ENV_DEFAULTS = {
@@ -108,8 +108,9 @@ def preload() -> None:
     """Import MLflow and its SQL stores' modules (SQLAlchemy, alembic: ~3 s) without opening a
     store: what a stage does while its torch half computes in another process (stages/forked.py)."""
     _set_environment()
-    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    with importing():
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 @contextlib.contextmanager
