@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout this code lives in
+STARTED_WITH = dict(os.environ)  # this process's environment before any stage code changes it
 MESSAGE_MAX = 2000  # characters of an `error:` line: a message quoting a 50 MB value is cut
 
 
@@ -40,6 +41,8 @@ _SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 _received: list[int] = []
 _project: Path | None = None  # set by an installed entry point: the project found from the cwd
 _parent = [os.getppid()]  # the process that started this one, as `_stop_with_parent` saw it
+_starter: list[int] = []  # the program that started this stage (dvc), above any shell wrapper
+_handled: list[bool] = []  # non-empty once this process records signals for its stage
 
 
 def _record(signum, frame) -> None:
@@ -105,8 +108,7 @@ def _stop_with_parent() -> None:
     parent's end into our SIGTERM, which stops the stage at its next safe point. dvc starts a stage
     through `$SHELL -c` (`/bin/sh` when SHELL is unset, as under cron, systemd or CI), and dash stays
     as our parent instead of exec'ing us, outliving dvc: then the process above the shell is followed."""
-    for signum in _SIGNAL_NAMES:
-        signal.signal(signum, _record)
+    _record_signals()
     parent = _parent[0] = os.getppid()
     if sys.platform != "linux":
         return
@@ -117,8 +119,40 @@ def _stop_with_parent() -> None:
     starter = parent
     while (above := _shell_wrapper_parent(starter)) is not None and above > 1:
         starter = above
+    _starter[:] = [starter]
     if starter != parent:
         _term_when_gone(starter)
+
+
+def _record_signals() -> None:
+    for signum in _SIGNAL_NAMES:
+        signal.signal(signum, _record)
+    _handled[:] = [True]
+
+
+def stop_with(pid: int) -> None:
+    """As `_stop_with_parent`, for a stage run on behalf of process `pid` (stages/warm.py): its
+    signals reach this one through `pid`, and `pid`'s end is this stage's SIGTERM."""
+    _record_signals()
+    _parent[0] = os.getppid()
+    _term_when_gone(pid)
+
+
+def starter() -> int | None:
+    """The pid of the program that started this stage (dvc), if it is known."""
+    return _starter[0] if _starter else None
+
+
+def interrupted() -> list[int]:
+    """The Ctrl-C and SIGTERM received so far, in order (`check_interrupt` raises on the first)."""
+    return list(_received)
+
+
+def forget_signals() -> None:
+    """For a process forked from a stage that is not that stage (stages/warm.py): the signals it
+    received are not this process's, and its signal handling is not set up."""
+    _received.clear()
+    _handled.clear()
 
 
 # `python -m stages.x` imports this package first, while argv[0] is still "-m": the handlers are in
@@ -209,7 +243,7 @@ def run_stage(main, entry_point: bool = False) -> None:
     `entry_point`: an installed command (`fmnist-predict`): it works on the project the cwd is in."""
     global _project
     _log_to_console()
-    if sys.argv[:1] != ["-m"]:  # an installed command or a test's script: handlers not yet set
+    if not _handled:  # an installed command or a test's script: handlers not yet set
         _stop_with_parent()
     try:
         if entry_point:

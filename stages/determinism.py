@@ -40,13 +40,25 @@ PORTABLE_ENV = {
 }
 
 
+_applied: list[str] = []  # the mode this process was set up for before torch loaded
+
+
 def apply(mode: str) -> None:
-    """Set up the process for `mode` ('portable' or 'fast'); must run before torch is imported."""
-    if mode != "portable":
-        return
-    if "torch" in sys.modules:  # its libraries read these variables once, when they load
+    """Set up the process for `mode` ('portable' or 'fast'); must run before torch is imported.
+    Again after that, for the mode torch was loaded under, it changes nothing (stages/warm.py)."""
+    if "torch" in sys.modules and _applied != [mode]:
+        if mode != "portable":
+            return
+        # its libraries read these variables once, when they load
         raise PipelineError("determinism: portable must be applied before torch is imported")
-    os.environ.update(PORTABLE_ENV)
+    _applied[:] = [mode]
+    if mode == "portable":
+        os.environ.update(PORTABLE_ENV)
+
+
+def loaded_under() -> str | None:
+    """The mode applied before torch was loaded in this process, if any."""
+    return _applied[0] if _applied else None
 
 
 def threads(mode: str) -> None:

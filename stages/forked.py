@@ -83,6 +83,12 @@ class Forked:
             self.pid = 0
         self._conn.close()
 
+    def release(self) -> None:
+        """In a process forked from the stage that is not the stage (stages/warm.py): let go of the
+        child's pipe, leaving the child to the stage."""
+        self.pid = 0
+        self._conn.close()
+
     def send(self, message) -> None:
         """To the child's `wait_for_parent`."""
         self._conn.send(message)

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import ArgumentParser, check_interrupt, determinism, files, importing, run_stage, tracking
+from stages import ArgumentParser, check_interrupt, determinism, files, importing, run_stage, tracking, warm
 from stages.config import Params, load_params
 from stages.data import verify_dir
 from stages.forked import Forked, tell_parent, wait_for_parent
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             with importing():
                 import torch  # noqa: F401
 
+            if run.store.is_local:  # its connections can be renewed in a forked process; a server's cannot
+                warm.offer("evaluate", leave=(training,))  # evaluate's imports, beside the epochs
             with files.Outputs() as out:
                 for row, ended_ms in training.messages():
                     run.log_epoch(row, ended_ms)

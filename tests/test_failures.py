@@ -18,6 +18,7 @@ import torch
 
 from tests.helpers import (
     DVC,
+    alive,
     all_runs,
     cli_env,
     client_for,
@@ -374,13 +375,6 @@ def descendants(pid: int) -> list[int]:
             for child in map(int, (task / "children").read_text().split()):
                 found += [child, *descendants(child)]
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def registered_versions(project) -> list[str]:

@@ -27,7 +27,7 @@ from stages.config import Params, mlflow_value
 from stages.data import CLASSES, IMAGE_SHAPE
 from stages.tracking.champion import consider_champion, newest_version
 from stages.tracking.provenance import HOST_TAG, PID_TAG, source_tags
-from stages.tracking.store import Store, TrackingError, connect, is_local_store, redacted, store_root
+from stages.tracking.store import Store, TrackingError, connect, redacted, store_root
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _experiment_id(store: Store, name: str) -> str:
     if experiment is None:
         # A local store keeps artifacts beside mlflow.db, as an absolute location, so runs from
         # DVC's temporary experiment copies keep their artifacts after the copy is deleted.
-        location = (store_root() / "mlruns").as_uri() if is_local_store(store.uri) else None
+        location = (store_root() / "mlruns").as_uri() if store.is_local else None
         experiment = client.get_experiment(client.create_experiment(name, artifact_location=location))
     for key, value in _EXPERIMENT_TAGS.items():
         if experiment.tags.get(key) != value:

@@ -135,6 +135,11 @@ class Store:
     client: object
     uri: str
 
+    @property
+    def is_local(self) -> bool:
+        """A SQLite store (the project's own by default), not a server."""
+        return is_local_store(self.uri)
+
     @contextlib.contextmanager
     def operation(self, doing: str):
         """One guarded store operation: MLflow's errors as one line, SQLite writers one at a time.

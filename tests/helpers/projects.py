@@ -122,3 +122,11 @@ def make_project(dest: Path, params: dict, checksums: dict[str, str] | None = No
     run(["git", "init", "-q", "-b", "main"], dest)
     git_commit_all(dest, "project copy")
     return dest
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
