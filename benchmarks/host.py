@@ -47,6 +47,27 @@ def own_cpu() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
+def adopt_orphans() -> None:
+    """Become the parent of the processes this one's descendants leave behind (Linux's child
+    subreaper), so that once reaped (`reap_orphans`), their CPU time counts as this process's own."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_orphans(seconds: float = 30) -> None:
+    """Wait for every child left (adopted orphans included), up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
 class Others:
     """Cores' worth of work by other processes, and of time stolen by the hypervisor, over a span:
     `with Others() as others: ...`, then `others.busy` and `others.stolen` (0.5 = half a core)."""
