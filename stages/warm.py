@@ -16,8 +16,10 @@ stages/ byte for byte; and params.yaml's `determinism`, which torch was loaded u
 or when anything in the hand-off fails, evaluate runs as a fresh process, as before. It never
 outlives its dvc run: it ends with dvc, after serving once, or after ten minutes unused. Signals to
 evaluate's command (Ctrl-C, SIGTERM, dvc's end) are passed on, and the stage stops when the command
-is gone, as a stage stops when dvc is. Only processes of the same user can reach it (an abstract
-socket named for the user, the dvc process and the directory; peers are checked both ways).
+is gone, as a stage stops when dvc is. It listens on an abstract socket named for the user, the dvc
+process and the directory; each side checks that the other is this user's process in this pid
+namespace, and evaluate's command also that it runs this interpreter in this directory, before it
+hands over its environment.
 
 `FMNIST_WARM=0` turns it off; `FMNIST_WARM=verbose` has evaluate say on stderr which way it ran.
 """
@@ -57,8 +59,12 @@ def _say(line: str) -> None:
 
 
 def _sources() -> dict[str, str]:
-    """md5 of every file under stages/: what the stages' code is now."""
-    return {str(p): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(_SOURCES.rglob("*.py"))}
+    """md5 of every .py file under stages/: what the stages' code is now."""
+    found = {}
+    for path in sorted(_SOURCES.rglob("*.py")):
+        with contextlib.suppress(OSError):  # an editor's dangling lock link, a file deleted meanwhile
+            found[str(path)] = hashlib.md5(path.read_bytes()).hexdigest()
+    return found
 
 
 _SOURCES_AT_START = _sources()  # imported with the stage's first modules: the code it started with
@@ -78,9 +84,19 @@ def _address(stage: str) -> str | None:
     return f"\0fmnist-warm/{os.getuid()}/{dvc}/{where}/{stage}"
 
 
-def _same_user(sock: socket.socket) -> bool:
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return uid == os.getuid()
+def _peer(sock: socket.socket) -> int | None:
+    """The pid of the process at the other end, if it is this user's and in this pid namespace (an
+    abstract socket is reachable from every process in the network namespace, containers included)."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid if uid == os.getuid() and pid > 0 else None
+
+
+def _same_program(pid: int) -> bool:
+    """Whether process `pid` runs this interpreter in this directory."""
+    try:
+        return all(os.readlink(f"/proc/{pid}/{what}") == os.readlink(f"/proc/self/{what}") for what in ("exe", "cwd"))
+    except OSError:
+        return False
 
 
 def _send(sock: socket.socket, message: dict) -> None:
@@ -102,11 +118,19 @@ def offer(stage: str, leave=()) -> None:
     serves it once. Returns at once in this process; `leave` are this stage's own channels (objects
     with `release()`), which the warm process lets go of."""
     address = _address(stage)
-    if address is None or threading.active_count() > 1:  # forking copies one thread only
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    # Forking copies only this thread: any other must hold nothing the fork could copy half-held.
+    # stop-with-dvc (stages/__init__.py) only waits in select(), holding nothing.
+    if address is None or any(t.name != "stop-with-dvc" for t in others):
         return
+    _close_pooled_connections()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    if (pid := os.fork()) != 0:
+    try:
+        pid = os.fork()
+    except OSError:  # no room for another process: evaluate runs fresh, as it would anyway
+        return
+    if pid != 0:
         _say(f"process {pid} gets ready to run {stage}")
         return
     try:
@@ -145,18 +169,19 @@ def _end_with(pid: int) -> None:
     threading.Thread(target=wait, name="end-with-dvc", daemon=True).start()
 
 
-def _fresh_connections() -> None:
-    """The SQL stores' connections belong to the stage this process was forked from: new ones here
-    (SQLAlchemy's way for a forked process). The old ones are kept, never used, never closed."""
+def _close_pooled_connections() -> None:
+    """Close the SQL stores' pooled connections before a fork, so that no connection is shared:
+    each process opens its own when it next needs one (SQLAlchemy's way for engines across a fork;
+    SQLite's rule too). Called between store operations, when every connection is back in its pool."""
     import sqlalchemy
 
-    gc.unfreeze()  # `stages.importing` may have frozen them out of gc.get_objects()'s sight
-    for engine in [o for o in gc.get_objects() if isinstance(o, sqlalchemy.engine.Engine)]:
-        _inherited.append(engine.pool)
-        engine.dispose(close=False)
-
-
-_inherited: list = []
+    gc.unfreeze()  # `stages.importing` froze them out of gc.get_objects()'s sight
+    try:
+        engines = [o for o in gc.get_objects() if isinstance(o, sqlalchemy.engine.Engine)]
+    finally:
+        gc.freeze()
+    for engine in engines:
+        engine.dispose()
 
 
 def _serve(stage: str, address: str) -> None:
@@ -175,20 +200,22 @@ def _serve(stage: str, address: str) -> None:
             conn, _ = listener.accept()
         except TimeoutError:
             return
-        if _same_user(conn):
+        if (client := _peer(conn)) is not None:
             break
-        conn.close()  # another user's process: not for it
+        conn.close()  # another user's, or another pid namespace's: not for it
     listener.close()
     conn.settimeout(READY_S)
     stream = conn.makefile("rb")
-    _, fds, _, _ = socket.recv_fds(conn, 4, 3)
+    header, fds, flags, _ = socket.recv_fds(conn, 4, 3)
     request = _receive(stream)
+    if header != b"fds\n" or flags & socket.MSG_CTRUNC or request.get("pid") != client:
+        return
     refusal = ready if isinstance(ready, str) else _refusal(stage, request, fds)
     if refusal:
         _send(conn, {"ready": False, "why": refusal, "pid": os.getpid()})
         return
     _serving.set()
-    stages.stop_with(request["pid"])  # from here on, its signals are the stage's
+    stages.stop_with(client)  # from here on, its signals are the stage's
     _send(conn, {"ready": True, "pid": os.getpid()})
     if _receive(stream).get("go") is not True:  # evaluate gave up waiting: it runs fresh
         return
@@ -202,7 +229,6 @@ def _serve(stage: str, address: str) -> None:
 def _get_ready(stage: str):
     """Import what `stage` needs; its main(), or why it cannot be served."""
     try:
-        _fresh_connections()
         import importlib
 
         with stages.importing():  # and frozen: the stage's forked workers share them with no copying
@@ -222,9 +248,9 @@ def _refusal(stage: str, request: dict, fds: list[int]) -> str | None:
         return "another working directory"
     if request.get("executable") != sys.executable or request.get("path") != sys.path:
         return "another interpreter or sys.path"
-    env = {k: v for k, v in request.get("env", {}).items() if k != "DVC_STAGE"}
-    if env != _environment():
-        changed = {k for k, _ in set(env.items()) ^ set(_environment().items())}  # names only: values may be secrets
+    env, started = {k: v for k, v in request.get("env", {}).items() if k != "DVC_STAGE"}, _environment()
+    if env != started:
+        changed = {k for k, _ in set(env.items()) ^ set(started.items())}  # names only: values may be secrets
         return f"the environment differs ({', '.join(sorted(changed))})"[:300]
     if (now := _sources()) != _SOURCES_AT_START:
         changed = sorted(set(now.items()) ^ set(_SOURCES_AT_START.items()))
@@ -252,8 +278,10 @@ def _run(main, request: dict, fds: list[int]) -> int:
     try:
         stages.run_stage(main)
         code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # as the interpreter ends on one
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
     except BaseException:  # a bug: its traceback, as a fresh process would print it
         traceback.print_exc()
         code = 1
@@ -273,6 +301,7 @@ def take(stage: str) -> int | None:
     if address is None:
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(READY_S)
     try:
         conn.connect(address)
     except OSError:
@@ -282,15 +311,16 @@ def take(stage: str) -> int | None:
     asked = time.monotonic()
     with conn, conn.makefile("rb") as stream:
         try:
-            conn.settimeout(READY_S)
-            if not _same_user(conn):
+            server = _peer(conn)
+            if server is None or not _same_program(server):  # the environment it would get holds secrets
+                _say(f"{stage} runs in a fresh process: the warm process is not this user's program")
                 return None
             socket.send_fds(conn, [b"fds\n"], [0, 1, 2])
             request = {"stage": stage, "cwd": os.getcwd(), "env": stages.STARTED_WITH, "pid": os.getpid()}
             _send(conn, {**request, "argv": sys.argv, "executable": sys.executable, "path": sys.path})
             answer = _receive(stream)
-            if not answer.get("ready"):
-                _say(f"{stage} runs in a fresh process, not in process {answer.get('pid')}: {answer.get('why')}")
+            if not answer.get("ready") or answer.get("pid") != server:
+                _say(f"{stage} runs in a fresh process, not in process {server}: {answer.get('why')}")
                 return None
             if stages.interrupted():  # a signal came meanwhile: the fresh path says so at once
                 return None
@@ -298,9 +328,11 @@ def take(stage: str) -> int | None:
         except (OSError, EOFError, ValueError) as e:
             _say(f"{stage} runs in a fresh process: the hand-off failed ({e})")
             return None
+        except KeyboardInterrupt:  # a second Ctrl-C: the fresh path ends with the usual line
+            return None
         waited = time.monotonic() - asked
-        _say(f"{stage} runs in process {answer['pid']}, its modules imported while train trained ({waited:.1f} s)")
-        return _wait(conn, stream, answer["pid"])
+        _say(f"{stage} runs in process {server}, its modules imported while train trained ({waited:.1f} s)")
+        return _wait(conn, stream, server)
 
 
 def _wait(conn: socket.socket, stream, pid: int) -> int:

@@ -67,7 +67,7 @@ def report_lines(stdout: str) -> list[str]:
 
 
 def test_a_dvc_run_evaluates_warm_with_the_outputs_and_run_of_a_fresh_process(project):
-    warm = run([DVC, "repro"], project, FMNIST_WARM="verbose")
+    warm = run([DVC, "repro"], project, FMNIST_WARM="verbose", SHELL="/bin/bash")
     (offered,) = GETS_READY.findall(warm.stderr)
     (pid,) = RUNS_WARM.findall(warm.stderr)
     assert pid == offered and gone_soon(int(pid)), "the warm process outlived its stage"
@@ -108,6 +108,18 @@ def test_anything_changed_since_train_started_sends_evaluate_to_a_fresh_process(
     assert why == "the environment differs (FMNIST_SOMETHING_NEW)"
     assert gone_soon(int(pid))
 
+    params = project / "params.yaml"
+    settings = params.read_text()
+    as_dvc_would(project, "train")
+    params.write_text(settings.replace("determinism: portable", "determinism: fast"))
+    try:
+        evaluated = as_dvc_would(project, "evaluate")
+    finally:
+        params.write_text(settings)
+    (pid, why) = RUNS_FRESH.search(evaluated.stderr).groups()
+    assert why == "determinism is fast, torch was loaded for portable"
+    assert gone_soon(int(pid))
+
     trained = as_dvc_would(project, "train")  # and the same run again: warm
     (offered,) = GETS_READY.findall(trained.stderr)
     evaluated = as_dvc_would(project, "evaluate")
@@ -141,7 +153,8 @@ def test_a_signal_to_evaluates_command_stops_the_warm_stage(project, signum):
 
 
 def test_a_dvc_run_without_evaluate_leaves_no_warm_process(project):
-    trained = run([DVC, "repro", "--single-item", "--force", "train"], project, FMNIST_WARM="verbose")
+    # dvc runs the stage through `$SHELL -c`; dash (/bin/sh, when SHELL is unset) stays between them.
+    trained = run([DVC, "repro", "--single-item", "--force", "train"], project, FMNIST_WARM="verbose", SHELL="/bin/sh")
     (pid,) = GETS_READY.findall(trained.stderr)
     assert gone_soon(int(pid), seconds=10), "the warm process outlived dvc"
     off = run([DVC, "repro", "--force"], project, FMNIST_WARM="0")
