@@ -161,9 +161,9 @@ from dvc's line announcing it to the next one (dvc's own bookkeeping included).
 
 The head as shipped:
 {against}
-- its warm start (stages/warm.py) against the same commit with it off: evaluate stage {warm_saves:.1f} s
-  shorter; fixed rest {ratios(results, "head", "cold")}; training compute, while the warm process
-  imports beside the epochs, {ratios(results, "head", "cold", "compute")}.
+- its warm start (stages/warm.py) against the same commit with it off: wall {ratios(results, "head", "cold", "wall")},
+  evaluate stage {warm_saves:.1f} s shorter; fixed rest {ratios(results, "head", "cold")}; training compute,
+  while the warm process imports beside the epochs, {ratios(results, "head", "cold", "compute")}.
 
 Load average at the end: {load()} (1, 5, 15 min); CPU probe (10 million additions in Python):
 {probes[0]:.2f} s at the start, {probes[1]:.2f} s at the end; while the experiments ran: {others}
