@@ -89,36 +89,30 @@ def test_a_dvc_run_evaluates_warm_with_the_outputs_and_run_of_a_fresh_process(pr
     assert report_lines(fresh.stdout) == report_lines(warm.stdout)
 
 
+def refusal(project: Path, edited: str = "", edit=None, **env) -> str:
+    """Train as dvc would, edit the file `edited` meanwhile, then evaluate with `env`: why evaluate
+    ran in a fresh process, not in the warm one (which has ended)."""
+    path = project / edited
+    before = path.read_text() if edited else ""
+    as_dvc_would(project, "train")
+    try:
+        if edited:
+            path.write_text(edit(before))
+        evaluated = as_dvc_would(project, "evaluate", **env)
+    finally:
+        if edited:
+            path.write_text(before)
+    (pid, why) = RUNS_FRESH.search(evaluated.stderr).groups()
+    assert gone_soon(int(pid))
+    return why
+
+
 def test_anything_changed_since_train_started_sends_evaluate_to_a_fresh_process(project):
-    reports = project / "stages/reports.py"
-    code = reports.read_text()
-    as_dvc_would(project, "train")
-    reports.write_text(code + "\n# edited while train trained\n")
-    try:
-        evaluated = as_dvc_would(project, "evaluate")
-    finally:
-        reports.write_text(code)
-    (pid, why) = RUNS_FRESH.search(evaluated.stderr).groups()
-    assert why == "the code changed since train started (reports.py)"
-    assert gone_soon(int(pid))
-
-    as_dvc_would(project, "train")
-    evaluated = as_dvc_would(project, "evaluate", FMNIST_SOMETHING_NEW="1")
-    (pid, why) = RUNS_FRESH.search(evaluated.stderr).groups()
-    assert why == "the environment differs (FMNIST_SOMETHING_NEW)"
-    assert gone_soon(int(pid))
-
-    params = project / "params.yaml"
-    settings = params.read_text()
-    as_dvc_would(project, "train")
-    params.write_text(settings.replace("determinism: portable", "determinism: fast"))
-    try:
-        evaluated = as_dvc_would(project, "evaluate")
-    finally:
-        params.write_text(settings)
-    (pid, why) = RUNS_FRESH.search(evaluated.stderr).groups()
-    assert why == "determinism is fast, torch was loaded for portable"
-    assert gone_soon(int(pid))
+    code_edited = refusal(project, "stages/reports.py", lambda code: code + "\n# edited while train trained\n")
+    assert code_edited == "the code changed since train started (reports.py)"
+    assert refusal(project, FMNIST_SOMETHING_NEW="1") == "the environment differs (FMNIST_SOMETHING_NEW)"
+    fast = refusal(project, "params.yaml", lambda params: params.replace("determinism: portable", "determinism: fast"))
+    assert fast == "determinism is fast, torch was loaded for portable"
 
     trained = as_dvc_would(project, "train")  # and the same run again: warm
     (offered,) = GETS_READY.findall(trained.stderr)
