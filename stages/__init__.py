@@ -74,22 +74,33 @@ def _shell_wrapper_parent(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def _term_when_gone(pid: int) -> None:
-    """SIGTERM ourselves when `pid` (not our parent) ends: a thread waiting on its pidfd."""
+def when_gone(pid: int, act, name: str) -> bool:
+    """Call `act()` when process `pid` (not our child) ends: a thread named `name` waiting on its
+    pidfd; at once if it has ended. False where there are no pidfds (an old kernel): nothing waits."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        _record(signal.SIGTERM, None)
-        return
-    except (AttributeError, OSError):  # no pidfds (old kernel): only the parent is followed
-        return
+        act()
+        return True
+    except (AttributeError, OSError):
+        return False
 
     def wait() -> None:
         select.select([pidfd], [], [])
+        act()
+
+    threading.Thread(target=wait, name=name, daemon=True).start()
+    return True
+
+
+def _term_when_gone(pid: int) -> None:
+    """SIGTERM ourselves when `pid` (not our parent) ends; without pidfds only the parent is followed."""
+
+    def term() -> None:
         if signal.SIGTERM not in _received:  # one request to stop, not a "second signal"
             os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=wait, name="stop-with-dvc", daemon=True).start()
+    when_gone(pid, term, "stop-with-dvc")
 
 
 def die_with_parent(signum: int) -> None:

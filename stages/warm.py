@@ -31,7 +31,6 @@ import gc
 import hashlib
 import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -156,17 +155,11 @@ def _detach() -> None:
 _serving = threading.Event()  # set once it runs the stage: from then on the stage decides when it ends
 
 
-def _end_with(pid: int) -> None:
-    """End this process when `pid` (the dvc run) ends, unless it is running the stage by then
-    (which stops as its command does, as stages stop with dvc)."""
-    pidfd = os.pidfd_open(pid)
-
-    def wait() -> None:
-        select.select([pidfd], [], [])
-        if not _serving.is_set():
-            os._exit(0)
-
-    threading.Thread(target=wait, name="end-with-dvc", daemon=True).start()
+def _end() -> None:
+    """Unless it is running the stage by then (which stops as its command does, as stages stop
+    with dvc), this process ends."""
+    if not _serving.is_set():
+        os._exit(0)
 
 
 def _close_pooled_connections() -> None:
@@ -186,7 +179,8 @@ def _close_pooled_connections() -> None:
 
 def _serve(stage: str, address: str) -> None:
     _detach()
-    _end_with(stages.starter())
+    if not stages.when_gone(stages.starter(), _end, "end-with-dvc"):  # it could outlive dvc: not offered
+        return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(address)
